@@ -13,12 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixelgpt import sharding as sharding_lib
+
 # Logical names of activations (weights use the short names: vocab, embed, heads, kv, mlp, norm, position, layers).
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 HEADS, KV, MLP, VOCAB = "activation_heads", "activation_kv", "activation_mlp", "activation_vocab"
 
 NORM_EPS = 1e-5
-BLOCK_SIZE = 64  # query block of the blockwise attention (measured on CPU: 64 ≈ 128 > 256)
+BLOCK_SIZE = 128  # query block of the blockwise attention (measured on CPU, T=1024: 128 ≈ 256 < 64)
+CACHE_CHUNKS = 8  # of the key/value cache in decoding (Attention._attend_cached)
+ROWS_PER_STEP = 1  # (image, head) rows per device in each step of the blockwise attention's loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,18 +109,10 @@ def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
 
 def _softmax_attention(q, k, v, mask, dtype):
   """q [B, Q, N, H], k and v [B, K, N, H], mask broadcastable to [B, N, Q, K] (True: visible) -> [B, Q, N, H]."""
-  if q.shape[1] == 1:
-    # One query (decoding): multiply-and-sum reads the key/value cache once in its own layout; as matmuls over
-    # batch and heads, XLA:CPU first copied the whole cache transposed, at every position.
-    scores = jnp.sum(q.astype(jnp.float32) * k, axis=-1)  # [B, K, N]
-    scores = jnp.moveaxis(scores, 1, -1)[:, :, None] / math.sqrt(q.shape[-1])  # [B, N, 1, K]
-  else:
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  if q.shape[1] == 1:
-    return jnp.sum(jnp.moveaxis(probs[:, :, 0], 1, -1)[..., None] * v, axis=1, keepdims=True).astype(v.dtype)
   return jnp.einsum("bnqk,bknh->bqnh", probs, v)
 
 
@@ -128,11 +124,24 @@ def attention(q, k, v, *, causal: bool, implementation: str, dtype):
   if implementation == "einsum" or not causal:
     mask = jnp.tril(jnp.ones((length, length), bool)) if causal else None
     return _softmax_attention(q, k, v, mask, dtype)
-  block = min(BLOCK_SIZE, length)
-  assert length % block == 0, (length, block)
-  # Heads become a batch dimension of every matmul; scaling q once spares a pass over every block of scores.
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q / math.sqrt(q.shape[-1]), k, v))
-  return jnp.swapaxes(_blockwise_causal(q, k, v, block), 1, 2).astype(dtype)
+  block = math.gcd(BLOCK_SIZE, length)
+  batch, _, heads, head_dim = q.shape
+  # A loop over (image, head) rows, ROWS_PER_STEP per device per step: a block's scores (block × keys, 0.5 MB per row
+  # at T=1024) then stay in the core's cache. With all rows in each block op they were 16 MB and every softmax pass
+  # went to memory: 2× slower. The loop runs over the device-local part of batch and heads, so sharding is kept.
+  local_b, local_n = sharding_lib.local_size(batch, BATCH), sharding_lib.local_size(heads, HEADS)
+  rows = math.gcd(ROWS_PER_STEP, local_b * local_n)
+  steps = local_b * local_n // rows
+
+  def to_rows(x):  # [B, T, N, H] -> [steps, rows, B / local_b, N / local_n, T, H]
+    x = x.reshape(batch // local_b, local_b, length, heads // local_n, local_n, head_dim).transpose(1, 4, 0, 3, 2, 5)
+    return x.reshape(steps, rows, batch // local_b, heads // local_n, length, head_dim)
+
+  # Scaling q once spares a pass over every block of scores.
+  out = jax.lax.map(lambda qkv: _blockwise_causal(*qkv, block),
+                    tuple(to_rows(x) for x in (q / math.sqrt(head_dim), k, v)))
+  out = out.reshape(local_b, local_n, batch // local_b, heads // local_n, length, head_dim).transpose(2, 0, 4, 3, 1, 5)
+  return out.reshape(batch, length, heads, head_dim).astype(dtype)
 
 
 # Blockwise causal attention, FlashAttention's algorithm written for XLA:CPU. Query block i attends only to keys up
@@ -143,7 +152,7 @@ def attention(q, k, v, *, causal: bool, implementation: str, dtype):
 # Measured at 4 × 256 × 8 heads, T=1024, batch 8: the train step 1.4× faster than autodiff through the same blocks.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blockwise_causal(q, k, v, block: int):
-  """q (already scaled), k, v: [batch, heads, length, head_dim] -> the same."""
+  """q (already scaled), k, v: [..., length, head_dim] -> the same (leading axes: batch and heads)."""
   return _blockwise_forward(q, k, v, block)[0]
 
 
@@ -157,18 +166,18 @@ def _future_mask(start: int, queries: int, keys: int, *, key_major: bool = False
 
 def _blockwise_forward(q, k, v, block: int):
   outputs, log_sum_exps = [], []
-  for start in range(0, q.shape[2], block):
+  for start in range(0, q.shape[-2], block):
     end = start + block
-    scores = jnp.einsum("bnqh,bnkh->bnqk", q[:, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32)
+    scores = jnp.einsum("...qh,...kh->...qk", q[..., start:end, :], k[..., :end, :], preferred_element_type=jnp.float32)
     scores = jnp.where(_future_mask(start, block, end), -jnp.inf, scores)
     peak = jnp.max(scores, axis=-1, keepdims=True)  # finite: every query sees itself
     probs = jnp.exp(scores - peak)
     total = jnp.sum(probs, axis=-1, keepdims=True)
-    outputs.append(jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v[:, :, :end],
+    outputs.append(jnp.einsum("...qk,...kh->...qh", probs.astype(v.dtype), v[..., :end, :],
                               preferred_element_type=jnp.float32) / total)
     log_sum_exps.append((peak + jnp.log(total))[..., 0])
-  out = jnp.concatenate(outputs, axis=2).astype(q.dtype)
-  return out, (q, k, v, out, jnp.concatenate(log_sum_exps, axis=2))
+  out = jnp.concatenate(outputs, axis=-2).astype(q.dtype)
+  return out, (q, k, v, out, jnp.concatenate(log_sum_exps, axis=-1))
 
 
 def _blockwise_backward(block: int, residuals, d_out):
@@ -178,19 +187,20 @@ def _blockwise_backward(block: int, residuals, d_out):
   dq = []
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
-  for start in range(0, q.shape[2], block):
+  for start in range(0, q.shape[-2], block):
     end = start + block
-    q_block, d_out_block = q[:, :, start:end], d_out[:, :, start:end]
-    scores_t = jnp.einsum("bnkh,bnqh->bnkq", k[:, :, :end], q_block, preferred_element_type=jnp.float32)
-    probs_t = jnp.exp(scores_t - log_sum_exp[:, :, None, start:end])
+    q_block, d_out_block = q[..., start:end, :], d_out[..., start:end, :]
+    scores_t = jnp.einsum("...kh,...qh->...kq", k[..., :end, :], q_block, preferred_element_type=jnp.float32)
+    probs_t = jnp.exp(scores_t - log_sum_exp[..., None, start:end])
     probs_t = jnp.where(_future_mask(start, block, end, key_major=True), 0.0, probs_t)
-    dv = dv.at[:, :, :end].add(jnp.einsum("bnkq,bnqh->bnkh", probs_t.astype(v.dtype), d_out_block,
+    dv = dv.at[..., :end, :].add(jnp.einsum("...kq,...qh->...kh", probs_t.astype(v.dtype), d_out_block,
                                           preferred_element_type=jnp.float32))
-    d_probs_t = jnp.einsum("bnkh,bnqh->bnkq", v[:, :, :end], d_out_block, preferred_element_type=jnp.float32)
-    d_scores_t = (probs_t * (d_probs_t - row_term[:, :, None, start:end])).astype(q.dtype)
-    dk = dk.at[:, :, :end].add(jnp.einsum("bnkq,bnqh->bnkh", d_scores_t, q_block, preferred_element_type=jnp.float32))
-    dq.append(jnp.einsum("bnkq,bnkh->bnqh", d_scores_t, k[:, :, :end], preferred_element_type=jnp.float32))
-  return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    d_probs_t = jnp.einsum("...kh,...qh->...kq", v[..., :end, :], d_out_block, preferred_element_type=jnp.float32)
+    d_scores_t = (probs_t * (d_probs_t - row_term[..., None, start:end])).astype(q.dtype)
+    dk = dk.at[..., :end, :].add(jnp.einsum("...kq,...qh->...kh", d_scores_t, q_block,
+                                            preferred_element_type=jnp.float32))
+    dq.append(jnp.einsum("...kq,...kh->...qh", d_scores_t, k[..., :end, :], preferred_element_type=jnp.float32))
+  return jnp.concatenate(dq, axis=-2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _blockwise_causal.defvjp(_blockwise_forward, _blockwise_backward)
@@ -198,9 +208,11 @@ _blockwise_causal.defvjp(_blockwise_forward, _blockwise_backward)
 
 class Attention(nn.Module):
   """Multi-head attention. With `decode`, x is one position and keys/values accumulate in a preallocated
-  'cache' collection of length seq_len (sharded like activations), so no prefix is ever recomputed."""
+  'cache' collection of length seq_len (sharded like activations), so no prefix is ever recomputed; `chunk` is the
+  cache chunk (a static int, see cache_chunks) that holds the position being decoded."""
   cfg: ModelConfig
   decode: bool = False
+  chunk: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -220,18 +232,36 @@ class Attention(nn.Module):
 
   def _attend_cached(self, q, k, v):
     assert self.cfg.causal and q.shape[1] == 1, "decoding is one position at a time of the 'ar' model"
-    shape = (q.shape[0], self.cfg.seq_len) + q.shape[2:]
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    # Heads-major chunks [B, N, T / chunks, H]: the scores and the weighted sum are matrix-vector products batched
+    # over the leading (image, head) axes, which XLA:CPU runs straight from the cache (in the activations' layout
+    # they needed a transposed copy of the cache at every position), and a position in chunk c reads chunks <= c
+    # only: whole buffers, so no sliced copies, and 56% of the full cache's reads over an image at 8 chunks.
+    batch, _, heads, head_dim = q.shape
+    chunks = cache_chunks(self.cfg.seq_len)
+    size = self.cfg.seq_len // chunks
+    shape = (batch, heads, size, head_dim)
+    keys = [self.variable("cache", f"key_{j}", jnp.zeros, shape, k.dtype) for j in range(chunks)]
+    values = [self.variable("cache", f"value_{j}", jnp.zeros, shape, v.dtype) for j in range(chunks)]
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    i = index.value
-    cached_k.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, 1),
-                                                (BATCH, LENGTH, HEADS, KV))
-    cached_v.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, 1),
-                                                (BATCH, LENGTH, HEADS, KV))
+    i, c = index.value, self.chunk
+    for cached, new in ((keys[c], k), (values[c], v)):
+      cached.value = nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice_in_dim(cached.value, jnp.swapaxes(new, 1, 2), i - c * size, 2),
+          (BATCH, HEADS, LENGTH, KV))
     index.value = i + 1
-    visible = jnp.arange(self.cfg.seq_len) <= i  # positions not yet written hold zeros: mask them out
-    return _softmax_attention(q, cached_k.value, cached_v.value, visible, self.cfg.dtype)
+    scores = jnp.concatenate([jnp.einsum("bnh,bnkh->bnk", q[:, 0], keys[j].value, preferred_element_type=jnp.float32)
+                              for j in range(c + 1)], axis=-1)
+    # Positions not yet written hold zeros: mask them out.
+    scores = jnp.where(jnp.arange((c + 1) * size) <= i, scores / math.sqrt(head_dim), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.cfg.dtype)
+    out = sum(jnp.einsum("bnk,bnkh->bnh", probs[..., j * size:(j + 1) * size], values[j].value,
+                         preferred_element_type=jnp.float32) for j in range(c + 1))
+    return out[:, None].astype(v.dtype)
+
+
+def cache_chunks(seq_len: int) -> int:
+  """Chunks of the decoding cache: CACHE_CHUNKS where they divide the sequence, else one."""
+  return CACHE_CHUNKS if seq_len % CACHE_CHUNKS == 0 else 1
 
 
 def quick_gelu(x):
@@ -253,13 +283,14 @@ class Block(nn.Module):
   """Pre-norm residual block; also returns the probe feature mean_t(ln_1(h)) of its input."""
   cfg: ModelConfig
   decode: bool = False
+  chunk: int = 0
 
   @nn.compact
   def __call__(self, h, _=None):
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
     normed = RMSNorm(self.cfg, name="ln_1")(h)
     feature = jnp.mean(normed.astype(jnp.float32), axis=1)
-    h = h + Attention(self.cfg, self.decode, name="attn")(normed)
+    h = h + Attention(self.cfg, self.decode, self.chunk, name="attn")(normed)
     h = h + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="ln_2")(h))
     return nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED)), feature
 
@@ -277,12 +308,14 @@ class Transformer(nn.Module):
   'ar': inputs are [sos, x_0 … x_{T-2}] under a causal mask. 'bert': inputs are the tokens themselves with the
   embedding of masked positions zeroed (bert_mask [B, T] bool), no causal mask.
   Decoding (`decode_position=t`, 'ar' only): tokens [B, 1] holds x_{t-1} (ignored at t = 0, where the input is
-  sos), the 'cache' collection is mutable, and the logits [B, 1, K] predict x_t.
+  sos), the 'cache' collection is mutable, and the logits [B, 1, K] predict x_t; `decode_chunk` (a static int) must
+  be t // (seq_len // cache_chunks(seq_len)).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, *, bert_mask=None, return_features: bool = False, decode_position=None):
+  def __call__(self, tokens, *, bert_mask=None, return_features: bool = False, decode_position=None,
+               decode_chunk: int = 0):
     cfg = self.cfg
     batch, length = tokens.shape
     wte = self.param("wte", _init(0.02, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
@@ -307,12 +340,13 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                       length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decode, name="blocks")
+                       length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})
+      blocks = blocks(cfg, decode, decode_chunk, name="blocks")
       h, features = blocks(h, None)  # features [L, B, d]
     else:
       features = []
       for i in range(cfg.n_layer):
-        h, feature = block(cfg, decode, name=f"block_{i}")(h)
+        h, feature = block(cfg, decode, decode_chunk, name=f"block_{i}")(h)
         features.append(feature)
       features = jnp.stack(features)
 
@@ -324,6 +358,13 @@ class Transformer(nn.Module):
       final = jnp.mean(h.astype(jnp.float32), axis=1)
       return logits, jnp.concatenate([features, final[None]], axis=0)
     return logits
+
+
+def unstack_layers(params: dict, n_layer: int) -> dict:
+  """Params of a scan_layers model -> the same weights as an unrolled model's (blocks/x[i] -> block_i/x)."""
+  out = {name: value for name, value in params.items() if name != "blocks"}
+  out.update({f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(n_layer)})
+  return out
 
 
 def token_nll(logits, tokens):

@@ -2,9 +2,11 @@
 
 `sample` decodes one position per step of a compiled `lax.fori_loop` with a preallocated key/value cache;
 `sample_naive` recomputes the whole prefix at every position and is the reference the cached sampler must match.
-Both draw position t's token with the key fold_in(rng, t), so the same key gives the same image.
+Both draw row r's token at position t with the key fold_in(fold_in(rng, t), r), so the same key gives the same images.
 """
 
+import dataclasses
+import functools
 import os
 
 import jax
@@ -12,44 +14,60 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
 
 
-def _pick(rng, logits, t, temperature: float, top_k: int):
+def _pick(rng, logits, t, rows, temperature: float, top_k: int):
+  """Position t's tokens [N] from logits [N, K]; row r draws with the key fold_in(fold_in(rng, t), rows[r]), so a
+  row's image does not depend on which other rows are decoded with it."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1)
   logits = logits / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(rng, t), rows)
+  return jax.vmap(jax.random.categorical)(keys, logits)
 
 
 def sample(model, params, rng, prefix, *, keep: int = 0, temperature: float = 1.0, top_k: int = 0):
   """prefix [N, T] int32 -> tokens [N, T]: positions < keep are copied from prefix, the rest are sampled."""
   n, length = prefix.shape
+  if model.cfg.scan_layers:
+    # Under the layer scan every position sliced each layer's cache out of the stacked cache and wrote it back:
+    # copies of the whole cache per token (measured 3× slower). Unrolled, each layer's cache is its own buffer
+    # carried by the loop and updated in place.
+    params = model_lib.unstack_layers(params, model.cfg.n_layer)
+    model = model_lib.Transformer(dataclasses.replace(model.cfg, scan_layers=False))
+  rows = jnp.arange(n)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), prefix[:, :1], decode_position=0))
   cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), variables["cache"])
 
-  def body(t, carry):
+  def body(t, carry, chunk):
     tokens, cache = carry
     previous = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(t - 1, 0), 1, axis=1)
     logits, updated = model.apply({"params": params, "cache": cache}, previous, decode_position=t,
-                                  mutable=["cache"])
-    drawn = _pick(rng, logits[:, 0], t, temperature, top_k).astype(tokens.dtype)
+                                  decode_chunk=chunk, mutable=["cache"])
+    drawn = _pick(rng, logits[:, 0], t, rows, temperature, top_k).astype(tokens.dtype)
     column = jnp.where(t < keep, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), drawn[:, None])
     return jax.lax.dynamic_update_slice_in_dim(tokens, column, t, axis=1), updated["cache"]
 
-  tokens, _ = jax.lax.fori_loop(0, length, body, (prefix, cache))
-  return tokens
+  # One loop per cache chunk: the chunk a position writes, and how many it reads, must be static.
+  size = length // model_lib.cache_chunks(length)
+  carry = (prefix, cache)
+  for chunk in range(length // size):
+    carry = jax.lax.fori_loop(chunk * size, (chunk + 1) * size, functools.partial(body, chunk=chunk), carry)
+  return carry[0]
 
 
 def sample_naive(model, params, rng, prefix, *, keep: int = 0, temperature: float = 1.0, top_k: int = 0):
   """The same distribution as `sample`, recomputing all T positions for each new token (O(T²) work)."""
+  rows = jnp.arange(prefix.shape[0])
 
   def body(t, tokens):
     logits = model.apply({"params": params}, tokens)[:, t]
-    return tokens.at[:, t].set(_pick(rng, logits, t, temperature, top_k).astype(tokens.dtype))
+    return tokens.at[:, t].set(_pick(rng, logits, t, rows, temperature, top_k).astype(tokens.dtype))
 
   return jax.lax.fori_loop(keep, prefix.shape[1], body, prefix)
 

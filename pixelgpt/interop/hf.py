@@ -117,11 +117,8 @@ def _stack_layers(flat: dict, n_layer: int) -> dict:
 
 
 def _unstack_layers(flat: dict, n_layer: int) -> dict:
-  out = {path: value for path, value in flat.items() if not path.startswith("blocks/")}
-  for path, value in flat.items():
-    if path.startswith("blocks/"):
-      out.update({f"block_{i}/{path.removeprefix('blocks/')}": value[i] for i in range(n_layer)})
-  return out
+  unstacked = model_lib.unstack_layers(traverse_util.unflatten_dict(flat, sep="/"), n_layer)
+  return traverse_util.flatten_dict(unstacked, sep="/")
 
 
 # ----------------------------------------------------------------------------------------------------------------
