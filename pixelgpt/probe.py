@@ -123,7 +123,9 @@ def plot_accuracy_by_layer(results: list[dict], raw_pixels_accuracy: float, path
 
   fig = Figure(figsize=(6, 4), dpi=100)
   ax = fig.subplots()
-  ax.plot([r["layer"] for r in results], [100 * r["accuracy"] for r in results], "o-", label="linear probe")
+  layers = [r["layer"] for r in results]
+  ax.plot(layers, [100 * r["accuracy"] for r in results], "o-", label="linear probe")
+  ax.set_xticks(layers)  # layers are whole numbers
   ax.axhline(100 * raw_pixels_accuracy, color="gray", linestyle="--", label="raw pixels")
   ax.set(xlabel="layer", ylabel="test accuracy (%)", title=title)
   ax.grid(alpha=0.3)
