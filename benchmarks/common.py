@@ -12,7 +12,6 @@ import platform
 import statistics
 import time
 
-from flax import traverse_util
 import jax
 import numpy as np
 
@@ -63,12 +62,7 @@ def hf_model(config, params):
   """transformers' ImageGPTForCausalImageModeling holding exactly `params` (converted by interop/hf.py)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  flat = {path: np.asarray(value, np.float32)
-          for path, value in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
-  if config.model.scan_layers:
-    flat = hf_lib._unstack_layers(flat, config.model.n_layer)  # pylint: disable=protected-access
-  hf_config = hf_lib._hf_config(config)  # pylint: disable=protected-access
-  state = hf_lib._state_from_params(flat, hf_config)  # pylint: disable=protected-access
+  hf_config, state = hf_lib.hf_state(config, params)
   model = transformers.ImageGPTForCausalImageModeling(hf_config)
   model.load_state_dict({name: torch.from_numpy(value.copy()) for name, value in state.items()}, strict=True)
   return model

@@ -308,16 +308,21 @@ def from_hf(src: str, workdir: str, overrides: dict | None = None) -> None:
   workdir_lib.create(workdir, config, traverse_util.unflatten_dict(flat, sep="/"), palette)
 
 
+def hf_state(config, params) -> tuple:
+  """pixelgpt params of `config` -> (transformers' ImageGPTConfig, its state dict as float32 numpy arrays)."""
+  hf = _hf_config(config)
+  flat = {path: np.asarray(value, np.float32)
+          for path, value in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
+  if config.model.scan_layers:
+    flat = _unstack_layers(flat, hf.n_layer)
+  return hf, _state_from_params(flat, hf)
+
+
 def to_hf(dst: str, workdir: str) -> None:
   """Writes a workdir's latest weights as dst/{config.json, model.safetensors, preprocessor_config.json}."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   run = workdir_lib.open_run(workdir)
-  hf = _hf_config(run.config)
-  flat = {path: np.asarray(value, np.float32)
-          for path, value in traverse_util.flatten_dict(jax.device_get(run.params), sep="/").items()}
-  if run.config.model.scan_layers:
-    flat = _unstack_layers(flat, hf.n_layer)
-  state = _state_from_params(flat, hf)
+  hf, state = hf_state(run.config, run.params)
   os.makedirs(dst, exist_ok=True)
   hf.to_json_file(os.path.join(dst, "config.json"))
   save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
