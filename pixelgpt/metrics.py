@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelgpt import storage
+
 # Dense bf16 peak FLOP/s per JAX device, by `device.device_kind` prefix. A v2/v3 device is one TensorCore
 # (half a chip); v4 and v5p devices are megacore chips.
 PEAK_FLOPS_PER_DEVICE = {
@@ -91,20 +93,66 @@ def perf_metrics(step_time_s: float, tokens_per_step: int, model_cfg, num_device
   }
 
 
-class MetricWriter:
-  """Writes on process 0 only: metrics.jsonl (one object per logged step), TensorBoard, a progress bar."""
+# metrics.jsonl on object storage, which has no appends: the file holds every step logged up to the last *seal*
+# (a checkpoint save, or MAX_TAIL_LINES lines) and is rewritten whole then; the lines logged since live in a small
+# tail file rewritten whole at each log step. A log step thus uploads at most MAX_TAIL_LINES lines, and the
+# growing file is uploaded only at checkpoint saves, next to a checkpoint that is far larger than it.
+METRICS_FILE = "metrics.jsonl"
+TAIL_FILE = "metrics.tail.jsonl"
+MAX_TAIL_LINES = 100
 
-  def __init__(self, workdir: str, *, total_steps: int, initial_step: int, enabled: bool):
+
+def _read_lines(path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def read_metrics(workdir) -> list[dict]:
+  """Every logged step of the run in `workdir` exactly once, in order: metrics.jsonl, then the tail's later lines.
+
+  The tail is read first: the writer replaces metrics.jsonl before it clears the tail, so a reader racing a seal
+  sees each line in one file or the other, never in neither.
+  """
+  w = storage.path(workdir)
+  tail = _read_lines(w / TAIL_FILE)
+  history = _read_lines(w / METRICS_FILE)
+  last = history[-1]["step"] if history else -1
+  return history + [m for m in tail if m["step"] > last]
+
+
+def _lines(metrics: list[dict]) -> str:
+  return "".join(json.dumps(m) + "\n" for m in metrics)
+
+
+class MetricWriter:
+  """Writes on process 0 only: metrics.jsonl (one object per logged step), TensorBoard, a progress bar.
+
+  A run resumed from step `initial_step` first drops what was logged after it (the steps it is about to redo), so
+  every step appears once. TensorBoard gets a new event file at each seal (tensorboardX re-uploads a gs:// event
+  file whole at every flush, so this bounds each upload too) and, on resume, purges the redone steps.
+  """
+
+  def __init__(self, workdir, *, total_steps: int, initial_step: int, enabled: bool):
     self.enabled = enabled
-    self._bar = self._jsonl = self._tb = None
+    self._bar = self._tb = None
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._dir = storage.path(workdir)
+    logged = read_metrics(self._dir)
+    self._history = [m for m in logged if m["step"] <= initial_step]
+    self._tail = []
+    if len(self._history) != len(logged) or (self._dir / TAIL_FILE).exists():
+      storage.write_atomic(self._dir / METRICS_FILE, _lines(self._history))
+      (self._dir / TAIL_FILE).unlink(missing_ok=True)
+    self._open_tensorboard(initial_step, purge=initial_step > 0)
     self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", file=sys.stderr,
                      dynamic_ncols=True, mininterval=1.0)
+
+  def _open_tensorboard(self, step: int, *, purge: bool = False):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # Zero-padded steps in the name keep event files in the order TensorBoard reads them (by name).
+    self._tb = SummaryWriter(os.fspath(self._dir / "tb"), purge_step=step if purge else None,
+                             filename_suffix=f".{step:09d}")
 
   def advance(self, steps: int = 1):
     if self._bar is not None:
@@ -114,8 +162,11 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-    self._jsonl.flush()
+    self._tail.append({"step": step, **clean})
+    if len(self._tail) >= MAX_TAIL_LINES:
+      self.seal(step)
+    else:
+      storage.write_atomic(self._dir / TAIL_FILE, _lines(self._tail))
     for k, v in clean.items():
       if np.isfinite(v):
         self._tb.add_scalar(k, v, step)
@@ -123,12 +174,26 @@ class MetricWriter:
              if k in ("train/loss", "eval/loss", "perf/mfu", "perf/tokens_per_sec")}
     self._bar.set_postfix(shown, refresh=False)
 
+  def seal(self, step: int):
+    """Moves the tail into metrics.jsonl (rewritten whole) and starts a new TensorBoard event file."""
+    if self.enabled and self._tail:
+      self._write_history()
+      self._tb.close()
+      self._open_tensorboard(step + 1)
+
+  def _write_history(self):
+    self._history += self._tail
+    self._tail = []
+    storage.write_atomic(self._dir / METRICS_FILE, _lines(self._history))
+    (self._dir / TAIL_FILE).unlink(missing_ok=True)
+
   def message(self, text: str):
     if self.enabled:
       (self._bar.write if self._bar is not None else print)(text)
 
   def close(self):
     if self.enabled:
+      if self._tail:
+        self._write_history()
       self._bar.close()
       self._tb.close()
-      self._jsonl.close()

@@ -7,11 +7,11 @@ that the same pixels and seed always give the same file and token 0 is the darke
 import functools
 import io
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelgpt import storage
 from pixelgpt.errors import UserError
 
 # ITU-R BT.601 luma weights: the canonical sort key of RGB palettes (and what PIL uses for RGB -> L).
@@ -109,13 +109,12 @@ def save(path, centers) -> None:
   assert centers.ndim == 2 and centers.shape[1] in (1, 3), centers.shape
   buffer = io.BytesIO()
   np.save(buffer, centers)
-  # epath so that a workdir on a bucket (gs://) works like a local one.
-  epath.Path(path).write_bytes(buffer.getvalue())
+  storage.write_atomic(storage.path(path), buffer.getvalue())
 
 
 def load(path, *, expect_k: int | None = None, expect_c: int | None = None) -> np.ndarray:
   """Reads and checks a palette file; every way it can be wrong for this run is a UserError naming the file."""
-  path = epath.Path(path)
+  path = storage.usable(path, what="palette file")
   if not path.exists():
     raise UserError(f"palette file {path} not found")
   try:

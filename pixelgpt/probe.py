@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pixelgpt import storage
+
 # Strengths of the mean-loss penalty l2/2·||W||² on standardised features (sklearn's C = 1 / (l2 · N)).
 L2_GRID = tuple(float(v) for v in np.logspace(-6, 0, 7))
 VAL_FRACTION = 0.1
@@ -116,7 +118,7 @@ def raw_pixel_baseline(train_images: np.ndarray, train_y: np.ndarray, test_image
   return probe_accuracy(train_x, train_y, test_x, test_y, l2_grid=l2_grid, seed=seed)
 
 
-def plot_accuracy_by_layer(results: list[dict], raw_pixels_accuracy: float, path: str, title: str) -> None:
+def plot_accuracy_by_layer(results: list[dict], raw_pixels_accuracy: float, path, title: str) -> None:
   """PNG of probe accuracy against layer, with the raw-pixel baseline dashed."""
   # A bare Figure renders through Agg without pyplot, so no global backend or figure registry is touched.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (only plotting needs matplotlib)
@@ -131,4 +133,4 @@ def plot_accuracy_by_layer(results: list[dict], raw_pixels_accuracy: float, path
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  storage.write_png(storage.path(path), lambda f: fig.savefig(f, format="png"))

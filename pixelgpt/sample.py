@@ -7,7 +7,6 @@ Both draw row r's token at position t with the key fold_in(fold_in(rng, t), r), 
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from PIL import Image
 
 from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
+from pixelgpt import storage
 
 
 def _pick(rng, logits, t, rows, temperature: float, top_k: int):
@@ -78,7 +78,7 @@ def tokens_to_images(tokens: np.ndarray, palette: np.ndarray, resolution: int) -
   return palette_lib.to_uint8(pixels.reshape(len(tokens), resolution, resolution, palette.shape[1]))
 
 
-def save_grid(images: np.ndarray, path: str, *, columns: int, min_size: int = 256) -> None:
+def save_grid(images: np.ndarray, path, *, columns: int, min_size: int = 256) -> None:
   """Tiles [N, H, W, C] uint8 images with 1-pixel gaps, upscaled (nearest) so the grid is >= min_size wide."""
   n, h, w, c = images.shape
   rows = -(-n // columns)
@@ -88,8 +88,8 @@ def save_grid(images: np.ndarray, path: str, *, columns: int, min_size: int = 25
     grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
   scale = max(1, -(-min_size // grid.shape[1]))
   grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+  image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+  storage.write_png(storage.path(path), lambda f: image.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ def sample_main(fv):
   else:
     columns = int(np.ceil(np.sqrt(len(images))))
   kind = "completion" if fv.complete else "sample"
-  out = fv.out or os.path.join(fv.workdir, "samples", f"{kind}_step{run.step:06d}_seed{fv.seed}.png")
+  out = (storage.path(fv.out) if fv.out else
+         storage.path(fv.workdir) / "samples" / f"{kind}_step{run.step:06d}_seed{fv.seed}.png")
   save_grid(images, out, columns=columns)
   print(f"pixelgpt sample: {len(tokens)} {kind}s of {res}x{res} in {seconds:.2f}s = "
         f"{len(tokens) / seconds:.1f} samples/s (compiled once, key/value cache) -> {out}")

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -30,9 +31,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from pixelgpt import checkpoint as ckpt_lib
 from pixelgpt import config as config_lib
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
+from pixelgpt import storage
 from pixelgpt import train
 from pixelgpt.data import sources
 from pixelgpt.errors import UserError
@@ -133,7 +136,7 @@ def expand(sweep: dict, workdir_root: str) -> list[Run]:
   runs = []
   for overrides in grid(sweep):
     name = run_name(overrides)
-    runs.append(Run(name, overrides, _apply(sweep["base"], overrides, name), os.path.join(workdir_root, name)))
+    runs.append(Run(name, overrides, _apply(sweep["base"], overrides, name), os.fspath(epath.Path(workdir_root) / name)))
   names = [r.name for r in runs]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
@@ -151,32 +154,17 @@ def get_config(spec: str) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A run's state and results, read from its workdir (a local path or, where gcsfs is installed, gs://).
+# A run's state and results, read from its workdir (a local path or gs://).
 # ----------------------------------------------------------------------------------------------------------------
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def _read_json_lines(path: epath.Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def read_status(run: Run) -> dict:
-  """{'checkpoint': latest saved step or None, 'final': the metrics line (with eval/loss) at total_steps or None,
-  'last': the last metrics line, 'probe': probe.json, 'wall_s': the local launcher's measured seconds,
-  'finished': a checkpoint and final metrics at total_steps}."""
-  w = epath.Path(run.workdir)
-  try:
-    steps = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()] if (w / "checkpoints").exists() \
-        else []
-    lines = _read_json_lines(w / "metrics.jsonl")
-    probe = json.loads((w / "probe.json").read_text()) if (w / "probe.json").exists() else None
-    ours = json.loads((w / RUN_FILE).read_text()) if (w / RUN_FILE).exists() else {}
-  except Exception as e:  # pylint: disable=broad-except  (remote file systems raise their own errors)
-    if not _is_remote(run.workdir):
-      raise
-    raise UserError(f"cannot read {run.workdir}: {type(e).__name__}: {e} "
-                    "(reading gs:// here needs gcsfs: pip install gcsfs)") from None
+  """{'checkpoint': latest finished (committed) checkpoint or None, 'final': the metrics line (with eval/loss) at
+  total_steps or None, 'last': the last metrics line, 'probe': probe.json, 'wall_s': the local launcher's measured
+  seconds, 'finished': a checkpoint and final metrics at total_steps}."""
+  w = storage.usable(run.workdir, what="--workdir_root")
+  steps = ckpt_lib.finished_steps(w)
+  lines = metrics_lib.read_metrics(w)
+  probe = json.loads((w / "probe.json").read_text()) if (w / "probe.json").exists() else None
+  ours = json.loads((w / RUN_FILE).read_text()) if (w / RUN_FILE).exists() else {}
   total = run.config.total_steps
   final = next((m for m in reversed(lines) if m["step"] == total and "eval/loss" in m), None)
   checkpoint = max(steps, default=None)
@@ -226,8 +214,8 @@ def train_local(runs: list[Run], statuses: dict, *, dry_run: bool) -> None:
     train.run(run.config, run.workdir)
     # Wall time adds up over the sessions that trained the run (an interrupted sweep resumes it).
     wall_s = (status["wall_s"] or 0.0) + time.perf_counter() - start
-    with open(os.path.join(run.workdir, RUN_FILE), "w") as f:
-      json.dump({"name": run.name, "overrides": run.overrides, "wall_s": wall_s}, f, indent=2)
+    storage.write_atomic(storage.path(run.workdir) / RUN_FILE,
+                         json.dumps({"name": run.name, "overrides": run.overrides, "wall_s": wall_s}, indent=2))
 
 
 @functools.cache
@@ -336,7 +324,7 @@ def describe_fit(fit: dict, symbol: str) -> str:
   return f"L = {fit['E']:.3f} + {fit['A']:.3g}·{symbol}^-{fit['alpha']:.3f}, alpha = {fit['alpha']:.3f} ± {se}"
 
 
-def plot_fit(x, loss, labels, fit: dict | None, path: str, xlabel: str) -> None:
+def plot_fit(x, loss, labels, fit: dict | None, path, xlabel: str) -> None:
   """Log-log PNG of final eval loss against X, each run labelled, with the fitted curve and E when there is a fit."""
   # pylint: disable=g-import-not-at-top  (only plotting needs matplotlib; a bare Figure renders through Agg)
   from matplotlib import ticker
@@ -360,7 +348,7 @@ def plot_fit(x, loss, labels, fit: dict | None, path: str, xlabel: str) -> None:
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8, loc="lower left")
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  storage.write_png(storage.path(path), lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,13 +361,14 @@ def _human(n: float) -> str:
   return f"{n:.3g}"
 
 
-def write_results(rows: list[dict], root: str, sweep_path: str) -> list[str]:
+def write_results(rows: list[dict], root, sweep_path: str) -> list[str]:
   """Writes the table and the fits; returns the lines that sum up the fits (also printed by the caller)."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+  root = storage.path(root)
+  table_csv = io.StringIO(newline="")
+  writer = csv.DictWriter(table_csv, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+  storage.write_atomic(root / "results.csv", table_csv.getvalue())
 
   done = [r for r in rows if r["finished"]]
   summary = []
@@ -392,7 +381,7 @@ def write_results(rows: list[dict], root: str, sweep_path: str) -> list[str]:
       fit = None
       summary.append(f"loss vs {xlabel}: no fit: {e}")
     if done:
-      plot_fit(x, loss, [r["name"] for r in done], fit, os.path.join(root, f"loss_vs_{short}.png"), xlabel)
+      plot_fit(x, loss, [r["name"] for r in done], fit, root / f"loss_vs_{short}.png", xlabel)
 
   def cell(value, fmt):
     return "" if value is None else fmt.format(value)
@@ -409,8 +398,7 @@ def write_results(rows: list[dict], root: str, sweep_path: str) -> list[str]:
   table += ["", "Losses in nats/token (eval: held-out split at the last step). Fits of L = E + A·X^-alpha, "
             "least squares in log L:", ""] + [f"- {line}" for line in summary]
   table += [""] + [f"![loss vs {short}](loss_vs_{short}.png)" for short, *_ in FITS if done]
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write("\n".join(table) + "\n")
+  storage.write_atomic(root / "results.md", "\n".join(table) + "\n")
   return summary
 
 
@@ -453,9 +441,7 @@ def main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
   cli.require(fv, "sweep", "root")
   local = fv.launcher == "local"
-  workdir_root = fv.workdir_root or os.path.join(fv.root, "runs")
-  if local and _is_remote(workdir_root):
-    raise UserError(f"--launcher local trains here: --workdir_root must be a local path, got {workdir_root}")
+  workdir_root = fv.workdir_root or os.fspath(epath.Path(fv.root) / "runs")
   if not local and not workdir_root.startswith("gs://"):
     raise UserError("--launcher tpu needs --workdir_root gs://BUCKET/PATH: every worker writes the same run")
   if fv.probe and not local:
@@ -489,4 +475,5 @@ def main(fv):
   summary = write_results([result_row(r, statuses[r.name]) for r in runs], fv.root, fv.sweep)
   for line in summary:
     print(f"pixelgpt sweep: {line}")
-  print(f"pixelgpt sweep: results -> {os.path.join(fv.root, 'results.csv')}, {os.path.join(fv.root, 'results.md')}")
+  root = storage.path(fv.root)
+  print(f"pixelgpt sweep: results -> {root / 'results.csv'}, {root / 'results.md'}")

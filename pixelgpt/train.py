@@ -6,8 +6,6 @@ lowers exactly the same function for TPU topologies ahead of time.
 """
 
 import dataclasses
-import json
-import os
 import signal
 import sys
 import time
@@ -29,6 +27,7 @@ from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
 from pixelgpt import sample as sample_lib
 from pixelgpt import sharding as sharding_lib
+from pixelgpt import storage
 from pixelgpt.data import pipeline
 from pixelgpt.errors import Diverged, UserError
 
@@ -152,23 +151,22 @@ def abstract_batch(config, s: Setup):
 # ----------------------------------------------------------------------------------------------------------------
 # Workdir helpers.
 # ----------------------------------------------------------------------------------------------------------------
-def _check_same_shapes(config, workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+def _check_same_shapes(config, workdir):
+  path = workdir / "config.json"
+  if not path.exists():
     return
-  with open(path) as f:
-    old = config_lib.from_json(f.read())
+  old = config_lib.from_json(path.read_text())
   for key in SHAPE_KEYS:
     a, b = config_lib.get(old, key, None), config_lib.get(config, key, None)
     if a != b:
       raise UserError(f"{workdir} holds a run with {key}={a!r}, but the config says {b!r}: use another --workdir")
 
 
-def load_or_fit_palette(config, workdir: str, *, write: bool) -> np.ndarray:
+def load_or_fit_palette(config, workdir, *, write: bool) -> np.ndarray:
   """The workdir's palette if it has one (resume), else config.palette.path, else k-means on training pixels."""
   k, c = config.palette.size, config.dataset.channels
-  path = os.path.join(workdir, "palette.npy")
-  if os.path.exists(path):
+  path = workdir / "palette.npy"
+  if path.exists():
     return palette_lib.load(path, expect_k=k, expect_c=c)
   if config.palette.path:
     centers = palette_lib.load(config.palette.path, expect_k=k, expect_c=c)
@@ -178,17 +176,6 @@ def load_or_fit_palette(config, workdir: str, *, write: bool) -> np.ndarray:
   if write:
     palette_lib.save(path, centers)
   return centers
-
-
-def _truncate_metrics(workdir: str, step: int):
-  """After a restart from checkpoint `step`, drop lines logged past it so every step appears once."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(lines)
 
 
 class PreemptionGuard:
@@ -247,7 +234,7 @@ def evaluate(config, s: Setup, params, palette, mesh) -> float:
   return total / max(count, 1.0)
 
 
-def write_samples(config, s: Setup, params, palette, workdir: str, step: int, num: int = 16):
+def write_samples(config, s: Setup, params, palette, workdir, step: int, num: int = 16):
   if not s.model.cfg.causal:
     return None  # the bert objective does not define left-to-right samples
   prefix = jnp.zeros((num, config_lib.seq_len(config)), jnp.int32)
@@ -256,7 +243,7 @@ def write_samples(config, s: Setup, params, palette, workdir: str, step: int, nu
   if jax.process_index() != 0:
     return None
   images = sample_lib.tokens_to_images(np.asarray(tokens), palette, config.dataset.resolution)
-  path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+  path = workdir / "samples" / f"step_{step:06d}.png"
   sample_lib.save_grid(images, path, columns=int(np.ceil(np.sqrt(num))))
   return path
 
@@ -264,14 +251,13 @@ def write_samples(config, s: Setup, params, palette, workdir: str, step: int, nu
 # ----------------------------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------------------------
-def run(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics. `stop_after` ends the session
   early at that step with a checkpoint, as a preemption would (tests use it for exact-resume checks)."""
   # --- Setup -------------------------------------------------------------------------------------------------
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.usable(workdir, what="--workdir")
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   _check_same_shapes(config, workdir)
   config_json = config_lib.to_json(config)
 
@@ -282,8 +268,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   # --- Palette and input -------------------------------------------------------------------------------------
   palette = load_or_fit_palette(config, workdir, write=is_main)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_json)
+    storage.write_atomic(workdir / "config.json", config_json)
   data = pipeline.make_train_iterator(config, palette, process_index=jax.process_index(),
                                       process_count=jax.process_count())
 
@@ -298,8 +283,6 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
     start = 0
   else:
     start = latest
-    if is_main:
-      _truncate_metrics(workdir, start)
 
   peak = metrics_lib.peak_flops_per_device()  # measured on a CPU: outside the mesh context, on one device
   with sharding_lib.activate(mesh):
@@ -355,6 +338,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
           interval_start = time.perf_counter()
         if saving:
           checkpointer.save(step, state, data, config_json=config_json, palette=palette)
+          writer.seal(step)
         if preempted:
           checkpointer.wait()
           writer.message(f"pixelgpt: SIGTERM: saved a checkpoint at step {step} in {checkpointer.directory}; "
@@ -373,8 +357,8 @@ def run(config, workdir: str, *, stop_after: int | None = None, devices=None) ->
   if is_main:
     print(f"pixelgpt: step {end}: train/loss {last.get('train/loss', float('nan')):.4f}"
           + (f", eval/loss {last['eval/loss']:.4f}" if "eval/loss" in last else "")
-          + f"; metrics in {os.path.join(workdir, 'metrics.jsonl')}, TensorBoard in {os.path.join(workdir, 'tb')}, "
-          f"samples in {os.path.join(workdir, 'samples')}, checkpoints in {os.path.join(workdir, 'checkpoints')}")
+          + f"; metrics in {workdir / 'metrics.jsonl'}, TensorBoard in {workdir / 'tb'}, "
+          f"samples in {workdir / 'samples'}, checkpoints in {workdir / 'checkpoints'}")
   return last
 
 

@@ -3,7 +3,6 @@ scoring and probing, or create one from given parameters (conversion from other 
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ from pixelgpt import checkpoint as ckpt_lib
 from pixelgpt import config as config_lib
 from pixelgpt import palette as palette_lib
 from pixelgpt import sharding as sharding_lib
+from pixelgpt import storage
 from pixelgpt import train
 from pixelgpt.errors import UserError
 
@@ -34,17 +34,16 @@ def inference_mesh(config, devices=None):
   return sharding_lib.make_mesh(mesh_config, devices)
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = storage.usable(workdir, what="--workdir") / "config.json"
+  if not path.exists():
     raise UserError(f"{workdir} is not a pixelgpt workdir (no config.json): train or convert into it first")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(path.read_text())
 
 
-def open_run(workdir: str, *, step: int | None = None, devices=None) -> Run:
+def open_run(workdir, *, step: int | None = None, devices=None) -> Run:
   config = read_config(workdir)
-  palette = palette_lib.load(os.path.join(workdir, "palette.npy"), expect_k=config.palette.size,
+  palette = palette_lib.load(storage.path(workdir) / "palette.npy", expect_k=config.palette.size,
                              expect_c=config.dataset.channels)
   mesh = inference_mesh(config, devices)
   s = train.setup(config, mesh)
@@ -57,12 +56,12 @@ def open_run(workdir: str, *, step: int | None = None, devices=None) -> Run:
   return Run(config=config, palette=palette, params=state.params, setup=s, mesh=mesh, step=step)
 
 
-def create(workdir: str, config, params, palette: np.ndarray) -> None:
+def create(workdir, config, params, palette: np.ndarray) -> None:
   """Writes a workdir whose checkpoint 0 holds `params` (and a fresh optimizer state): `pixelgpt train` on it
   continues pretraining from these weights, and every other command reads it like a trained run."""
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
+  w = storage.usable(workdir, what="--workdir")
+  if (w / "checkpoints").exists():
     raise UserError(f"{workdir} already holds checkpoints: choose an empty --workdir")
   mesh = inference_mesh(config)
   s = train.setup(config, mesh)
@@ -70,10 +69,9 @@ def create(workdir: str, config, params, palette: np.ndarray) -> None:
                         s.abstract_state.params)
   state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                            opt_state=jax.jit(s.tx.init, out_shardings=s.state_shardings.opt_state)(params))
-  palette_lib.save(os.path.join(workdir, "palette.npy"), palette)
+  palette_lib.save(w / "palette.npy", palette)
   config_json = config_lib.to_json(config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_json)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  storage.write_atomic(w / "config.json", config_json)
+  checkpointer = ckpt_lib.Checkpointer(w, keep=config.keep_checkpoints)
   checkpointer.save(0, state, None, config_json=config_json, palette=palette)
   checkpointer.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from pixelgpt import config as config_lib
 
@@ -30,17 +31,30 @@ def pixelgpt_argv(*args, devices: int = 1) -> list[str]:
   return [sys.executable, "-m", "pixelgpt", *map(str, args), f"--cpu_devices={devices}"]
 
 
-def run_pixelgpt(*args, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-  """`pixelgpt ARGS` in the repo on `devices` virtual CPU devices; stdout and stderr captured apart."""
-  proc = subprocess.run(pixelgpt_argv(*args, devices=devices), cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=600)
+def run_pixelgpt(*args, devices: int = 1, check: bool = True, env: dict | None = None,
+                 cwd: str = REPO) -> subprocess.CompletedProcess:
+  """`pixelgpt ARGS` in `cwd` (the repo) on `devices` virtual CPU devices, with `env` added to the environment;
+  stdout and stderr captured apart."""
+  proc = subprocess.run(pixelgpt_argv(*args, devices=devices), cwd=cwd,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), capture_output=True, text=True,
+                        timeout=600)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def start_pixelgpt(*args, devices: int = 1) -> subprocess.Popen:
+def start_pixelgpt(*args, devices: int = 1, env: dict | None = None, cwd: str = REPO) -> subprocess.Popen:
   """`pixelgpt ARGS` in the background, stdout and stderr merged, for tests that signal or join it."""
-  return subprocess.Popen(pixelgpt_argv(*args, devices=devices), cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+  return subprocess.Popen(pixelgpt_argv(*args, devices=devices), cwd=cwd,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A real Cloud Storage JSON API (fake-gcs-server) on localhost for the whole session, with bucket `bucket`."""
+  from tests.gcs_server import LocalGcs  # pylint: disable=g-import-not-at-top
+  server = LocalGcs()
+  server.create_bucket("bucket")
+  yield server
+  server.stop()

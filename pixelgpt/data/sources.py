@@ -6,12 +6,14 @@ every mistake a user can make in naming or placing the data is a UserError here,
 
 import functools
 import gzip
+import io
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 
+from pixelgpt import storage
 from pixelgpt.errors import UserError
 
 FORMS = "'digits', 'fashion_mnist', 'folder:<path>' or 'tfds:<name>'"
@@ -28,12 +30,14 @@ def get_source(dataset_cfg, split: str):
   if name == "digits":
     return _digits(split)
   if name == "fashion_mnist":
-    return _fashion_mnist(dataset_cfg.data_dir or FASHION_MNIST_DIR, split)
+    return _fashion_mnist(storage.usable(dataset_cfg.data_dir or FASHION_MNIST_DIR, what="config.dataset.data_dir"),
+                          split)
   if name.startswith("folder:") and name != "folder:":
-    return _folder(name.removeprefix("folder:"), split, dataset_cfg.channels,
-                   dataset_cfg.get("skip_unreadable", True))
+    root = storage.usable(name.removeprefix("folder:"), what="config.dataset.name folder:")
+    return _folder(root, split, dataset_cfg.channels, dataset_cfg.get("skip_unreadable", True))
   if name.startswith("tfds:") and name != "tfds:":
-    return _tfds(name.removeprefix("tfds:"), split, dataset_cfg.data_dir)
+    data_dir = dataset_cfg.data_dir and storage.usable(dataset_cfg.data_dir, what="config.dataset.data_dir")
+    return _tfds(name.removeprefix("tfds:"), split, data_dir and str(data_dir))
   raise UserError(f"config.dataset.name {name!r} is not a dataset: use {FORMS}")
 
 
@@ -92,12 +96,12 @@ def _load_digits(split: str):
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 
-def _fashion_mnist(data_dir: str, split: str) -> ArraySource:
+def _fashion_mnist(data_dir, split: str) -> ArraySource:
   _check_split("fashion_mnist", split, _IDX_PREFIX)
   paths = []
   for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-    stem = os.path.join(data_dir, f"{_IDX_PREFIX[split]}-{kind}")
-    found = [p for p in (stem, stem + ".gz") if os.path.isfile(p)]
+    stem = data_dir / f"{_IDX_PREFIX[split]}-{kind}"
+    found = [p for p in (stem, stem.with_name(stem.name + ".gz")) if p.is_file()]
     if not found:
       raise UserError(f"fashion_mnist file {stem}[.gz] not found: install Debian's dataset-fashion-mnist "
                       "or set config.dataset.data_dir")
@@ -105,17 +109,19 @@ def _fashion_mnist(data_dir: str, split: str) -> ArraySource:
   return ArraySource(functools.partial(_load_idx_pair, *paths))
 
 
-def _load_idx_pair(images_path: str, labels_path: str):
+def _load_idx_pair(images_path, labels_path):
   images, labels = read_idx(images_path), read_idx(labels_path)
   if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
     raise UserError(f"idx files {images_path} {images.shape} and {labels_path} {labels.shape} do not pair up")
   return images, labels.astype(np.int32)
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path) -> np.ndarray:
   """An unsigned-byte idx array (the MNIST file format), gzipped or not."""
-  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-    data = f.read()
+  path = storage.path(path)
+  data = path.read_bytes()
+  if path.name.endswith(".gz"):
+    data = gzip.decompress(data)
   # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of dims, then each dim as uint32 BE.
   if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
     raise UserError(f"{path} is not an unsigned-byte idx file (bad magic number {data[:4].hex()})")
@@ -151,7 +157,7 @@ class FolderSource:
     for offset in range(len(self._paths)):
       i = (index + offset) % len(self._paths)
       try:
-        with Image.open(self._paths[i]) as image:
+        with Image.open(io.BytesIO(storage.path(self._paths[i]).read_bytes())) as image:
           return _record(np.asarray(image.convert(self._mode)), self._labels[i])
       except (OSError, ValueError, Image.DecompressionBombError) as e:
         if not self._skip:
@@ -163,16 +169,16 @@ class FolderSource:
     raise UserError(f"none of the {len(self._paths)} images in this split is readable")
 
 
-def _folder(root: str, split: str, channels: int, skip_unreadable: bool = True) -> FolderSource:
-  if not os.path.isdir(root):
+def _folder(root, split: str, channels: int, skip_unreadable: bool = True) -> FolderSource:
+  if not root.is_dir():
     raise UserError(f"image folder {root} not found (config.dataset.name 'folder:{root}')")
-  split_dirs = _subdirs(root) if os.path.isdir(os.path.join(root, split)) else []
+  split_dirs = _subdirs(root) if (root / split).is_dir() else []
   if split_dirs:
     # Labels come from the union of class folders, so a class missing from one split does not shift the others.
-    classes = sorted({c for d in split_dirs for c in _subdirs(os.path.join(root, d))})
-    files = _image_files(os.path.join(root, split), classes)
+    classes = sorted({c for d in split_dirs for c in _subdirs(root / d)})
+    files = _image_files(root / split, classes)
   else:
-    if os.path.isdir(os.path.join(root, "train")):
+    if (root / "train").is_dir():
       raise UserError(f"image folder {root} has a train/ sub-folder but no {split}/")
     _check_split(f"folder:{root}", split, ("train", "test"))
     classes = _subdirs(root)
@@ -186,17 +192,25 @@ def _folder(root: str, split: str, channels: int, skip_unreadable: bool = True) 
   return FolderSource([path for path, _ in files], [label for _, label in files], channels, skip_unreadable)
 
 
-def _subdirs(path: str) -> list[str]:
-  return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+def _subdirs(path) -> list[str]:
+  return sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
 
 
-def _image_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
+def _image_files(root, classes: list[str]) -> list[tuple[str, int]]:
   """(path, label) of every image under root/<class>/, in a sorted order that does not depend on the OS."""
-  files = []
-  for label, name in enumerate(classes):
-    for directory, _, names in os.walk(os.path.join(root, name)):
-      files += [(os.path.join(directory, n), label) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-  return sorted(files)
+  return sorted((os.fspath(p), label) for label, name in enumerate(classes) for p in _images_under(root / name))
+
+
+def _images_under(directory):
+  """Image files under `directory`, recursively, with one listing per folder: on a bucket, asking each of a
+  million files whether it is a folder would take a request each, so a name with an image suffix is a file."""
+  if not directory.is_dir():  # a class with no folder in this split
+    return
+  for entry in directory.iterdir():
+    if entry.name.lower().endswith(IMAGE_SUFFIXES):
+      yield entry
+    elif not entry.name.startswith("."):
+      yield from _images_under(entry)
 
 
 # --- tfds:<name>: an ArrayRecord-prepared TensorFlow Datasets dataset, read without TensorFlow ---------------------

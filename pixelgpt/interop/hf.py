@@ -19,6 +19,7 @@ import numpy as np
 
 from pixelgpt import config as config_lib
 from pixelgpt import model as model_lib
+from pixelgpt import storage
 from pixelgpt import train
 from pixelgpt import workdir as workdir_lib
 from pixelgpt.errors import UserError
@@ -318,20 +319,20 @@ def hf_state(config, params) -> tuple:
   return hf, _state_from_params(flat, hf)
 
 
-def to_hf(dst: str, workdir: str) -> None:
-  """Writes a workdir's latest weights as dst/{config.json, model.safetensors, preprocessor_config.json}."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+def to_hf(dst, workdir) -> None:
+  """Writes a workdir's latest weights as dst/{config.json, model.safetensors, preprocessor_config.json}; either
+  may be local or on a bucket (gs://)."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   run = workdir_lib.open_run(workdir)
   hf, state = hf_state(run.config, run.params)
-  os.makedirs(dst, exist_ok=True)
-  hf.to_json_file(os.path.join(dst, "config.json"))
-  save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+  dst = storage.usable(dst, what="--to_hf")
+  storage.write_atomic(dst / "config.json", hf.to_json_string())
+  storage.write_atomic(dst / "model.safetensors", save(state, metadata={"format": "pt"}))
   side = run.config.dataset.resolution
   preprocessor = {"image_processor_type": "ImageGPTImageProcessor", "clusters": run.palette.tolist(),
                   "do_color_quantize": True, "do_normalize": True, "do_resize": True, "resample": 2,
                   "size": {"height": side, "width": side}}
-  with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
-    json.dump(preprocessor, f)
+  storage.write_atomic(dst / "preprocessor_config.json", json.dumps(preprocessor))
 
 
 # ----------------------------------------------------------------------------------------------------------------

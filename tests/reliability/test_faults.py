@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from pixelgpt import metrics as metrics_lib
 from tests.conftest import run_pixelgpt, start_pixelgpt
 
 TINY = ["--config.batch_size=16", "--config.model.n_layer=2", "--config.model.d_model=32", "--config.model.n_head=4",
@@ -57,11 +58,7 @@ def _wait_for(predicate, proc, timeout=300.0, poll=0.002):
 
 
 def _logged_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for _ in f)
+  return len(metrics_lib.read_metrics(workdir))  # mid-run: metrics.jsonl and the tail logged since the last seal
 
 
 def test_sigkill_at_any_moment_resumes_bitwise_identically(tmp_path):
