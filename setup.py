@@ -24,8 +24,8 @@ setup(
         "pillow",
         "scikit-learn",  # ships the embedded `digits` dataset; also the probe's logistic regression
         "tensorboardX",  # TensorBoard event files without TensorFlow
-        # gs:// paths: epath reaches buckets through gcsfs, which brings google-cloud-storage (used by orbax to delete
-        # old checkpoints and by tensorboardX's GCS writer); orbax writes arrays through tensorstore's own driver.
+        # gs:// paths: epath reaches buckets through gcsfs, which brings google-cloud-storage (orbax deletes old
+        # checkpoints through it); orbax writes arrays through tensorstore's own GCS driver.
         "gcsfs",
         "tqdm",
         "matplotlib",

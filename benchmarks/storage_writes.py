@@ -6,7 +6,7 @@ becomes on object storage.
 Against fake-gcs-server on loopback (tests/gcs_server.py): request and byte counts are what Cloud Storage would
 receive; seconds are loopback seconds, a lower bound (a real bucket adds ~20-100 ms of latency per request).
 
-  python benchmarks/storage_writes.py [--steps 2000 --checkpoint_every 100]
+  python benchmarks/storage_writes.py [--steps 2000 --checkpoint_every 50]
 """
 
 import argparse
@@ -17,8 +17,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.gcs_server import LocalGcs  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BUCKET = "bench"
 # The keys a train log line carries (train.run), every 10th line with eval/loss.
@@ -35,6 +33,8 @@ def _line(step: int) -> dict:
 
 def measure_pixelgpt(server: LocalGcs, steps: int, checkpoint_every: int) -> dict:
   from pixelgpt import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from pixelgpt import storage  # pylint: disable=g-import-not-at-top
+  storage.usable(f"gs://{BUCKET}/ours", what="--workdir")  # as the CLI does first: checks the bucket
   writer = metrics_lib.MetricWriter(f"gs://{BUCKET}/ours", total_steps=steps, initial_step=0, enabled=True)
   log_s, seal_s, tail_bytes, history_bytes, tb_s, tb_bytes = [], [], [], [], [], []
   for step in range(1, steps + 1):
@@ -84,11 +84,14 @@ def measure_rewrite_every_step(steps: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=2000, help="log steps")
-  parser.add_argument("--checkpoint_every", type=int, default=100, help="log steps between checkpoint saves")
+  parser.add_argument("--checkpoint_every", type=int, default=50,
+                      help="log steps between checkpoint saves (below 100, where the writer seals by itself)")
   args = parser.parse_args()
   server = LocalGcs()
-  os.environ.update(server.env)  # before any Cloud Storage client starts
+  # Before google.auth and the storage clients are imported: some read these variables once, at import.
+  os.environ.update(server.env)
   server.create_bucket(BUCKET)
+  import common  # pylint: disable=g-import-not-at-top
   try:
     ours = measure_pixelgpt(server, args.steps, args.checkpoint_every)
     naive = measure_rewrite_every_step(args.steps)

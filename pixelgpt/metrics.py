@@ -4,6 +4,7 @@ MFU = model FLOPs per step / (step time × devices × peak FLOP/s per device), c
 (rematerialisation is not credited), as MaxText and PaLM do.
 """
 
+import io
 import json
 import os
 import sys
@@ -123,12 +124,43 @@ def _lines(metrics: list[dict]) -> str:
   return "".join(json.dumps(m) + "\n" for m in metrics)
 
 
+class _ObjectEventFile:
+  """A TensorBoard event file on object storage, for tensorboardX: kept in memory and uploaded whole through epath
+  when tensorboardX flushes (every 120 s and at close) and only if events were added since the last upload.
+  (tensorboardX's own gs:// writer uploads again when garbage-collected, after close, and retries for minutes when
+  the bucket has gone away.)"""
+
+  def __init__(self, path: str):
+    self._path, self._buffer, self._uploaded = storage.path(path), io.BytesIO(), 0
+
+  def write(self, data: bytes):
+    self._buffer.write(data)
+
+  def flush(self):
+    if self._buffer.tell() != self._uploaded:
+      storage.write_atomic(self._path, self._buffer.getvalue())
+      self._uploaded = self._buffer.tell()
+
+  def close(self):
+    self.flush()
+
+
+class _ObjectEventFiles:
+  """tensorboardX's writer-factory interface for a URL scheme."""
+
+  def open(self, path: str) -> _ObjectEventFile:
+    return _ObjectEventFile(path)
+
+  def directory_check(self, path: str):
+    del path  # object stores have no directories
+
+
 class MetricWriter:
   """Writes on process 0 only: metrics.jsonl (one object per logged step), TensorBoard, a progress bar.
 
   A run resumed from step `initial_step` first drops what was logged after it (the steps it is about to redo), so
-  every step appears once. TensorBoard gets a new event file at each seal (tensorboardX re-uploads a gs:// event
-  file whole at every flush, so this bounds each upload too) and, on resume, purges the redone steps.
+  every step appears once. TensorBoard gets a new event file at each seal (an event file on object storage is
+  uploaded whole at every flush, so this bounds each upload too) and, on resume, purges the redone steps.
   """
 
   def __init__(self, workdir, *, total_steps: int, initial_step: int, enabled: bool):
@@ -149,7 +181,9 @@ class MetricWriter:
                      dynamic_ncols=True, mininterval=1.0)
 
   def _open_tensorboard(self, step: int, *, purge: bool = False):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    record_writer.register_writer_factory("gs", _ObjectEventFiles())
     # Zero-padded steps in the name keep event files in the order TensorBoard reads them (by name).
     self._tb = SummaryWriter(os.fspath(self._dir / "tb"), purge_step=step if purge else None,
                              filename_suffix=f".{step:09d}")

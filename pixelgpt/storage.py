@@ -81,10 +81,10 @@ def write_atomic(p: epath.Path, data: bytes | str) -> None:
   renamed over."""
   data = data.encode() if isinstance(data, str) else data
   with failing_as_storage_error(f"writing {p}"):
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(p):
+    if is_remote(p):  # no directories to make: one request
       p.write_bytes(data)
       return
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(p)
@@ -115,8 +115,8 @@ def move_tree(src: epath.Path, dst: epath.Path, *, marker: str | None = None) ->
   commit_success.txt), is deleted first, so a move cut short never leaves a half directory that looks complete."""
   if dst.exists():
     dst.rmtree()
-  dst.parent.mkdir(parents=True, exist_ok=True)
   if not is_remote(src):
+    dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
     return
   if marker:

@@ -94,7 +94,7 @@ def _kill(procs):
     p.wait()
 
 
-def _wait_for(predicate, procs, timeout=300.0, poll=0.005):
+def _wait_for(predicate, procs, timeout=240.0, poll=0.005):
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
@@ -197,7 +197,7 @@ def _command(gcs, cwd, *args):
   return run_pixelgpt(*args, env=gcs.env, cwd=cwd).stdout
 
 
-def test_eval_sample_score_probe_and_convert_read_the_gs_workdir(gcs, gs_run, tmp_path):
+def test_eval_sample_score_probe_finetune_and_convert_read_the_gs_workdir(gcs, gs_run, tmp_path):
   cwd, reference = gs_run["cwd"], gs_run["reference"]
   gs = f"gs://{BUCKET}/run"
   # eval: the same held-out NLL as the local run's, to the last digit.
@@ -232,6 +232,12 @@ def test_eval_sample_score_probe_and_convert_read_the_gs_workdir(gcs, gs_run, tm
   probe = json.loads(gcs.read(BUCKET, "run/probe.json"))
   assert probe["train_examples"] == 64 and len(probe["layers"]) == 3
   assert gcs.read(BUCKET, "run/probe.png").startswith(b"\x89PNG")
+
+  # finetune: from the gs:// workdir into another one, its checkpoint committed there.
+  _command(gcs, cwd, "finetune", "--workdir", gs, "--out", f"gs://{BUCKET}/finetuned", "--steps", "2")
+  finetuned = json.loads(gcs.read(BUCKET, "finetuned/finetune.json"))
+  assert finetuned["pretrained_workdir"] == gs and finetuned["steps"] == 2
+  assert "finetuned/checkpoints/2/commit_success.txt" in gcs.objects(BUCKET, "finetuned/")
 
   # convert --to_hf from the gs:// workdir: the same safetensors as from the local one.
   if "transformers" in sys.modules or _importable("transformers"):
