@@ -196,14 +196,14 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
+    for k, v in clean.items():
+      if np.isfinite(v):
+        self._tb.add_scalar(k, v, step)
     self._tail.append({"step": step, **clean})
     if len(self._tail) >= MAX_TAIL_LINES:
       self.seal(step)
     else:
       storage.write_atomic(self._dir / TAIL_FILE, _lines(self._tail))
-    for k, v in clean.items():
-      if np.isfinite(v):
-        self._tb.add_scalar(k, v, step)
     shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items()
              if k in ("train/loss", "eval/loss", "perf/mfu", "perf/tokens_per_sec")}
     self._bar.set_postfix(shown, refresh=False)
