@@ -4,6 +4,7 @@ Every mistake a user can make (bad flag, unknown config key, impossible value, m
 the devices, missing data) ends here as one line on stderr and exit status 2.
 """
 
+import difflib
 import importlib
 import os
 import sys
@@ -76,6 +77,44 @@ def define_config_flag(fv):
                                   flag_values=fv, lock_config=True)
 
 
+def _check_config_file(fv):
+  """ml_collections loads a --config file lazily, so a missing one would surface as a traceback deep in a command."""
+  try:
+    spec = config_flags.get_config_filename(fv["config"])
+  except (KeyError, AttributeError, TypeError):  # no --config flag
+    return
+  if not isinstance(spec, str):  # a config dict (convert), not a file
+    return
+  path = spec.split(":", 1)[0]  # `file.py:argument`
+  if path and not os.path.isfile(path):
+    raise UserError(f"config file {path} not found (relative paths start at {os.getcwd()})")
+
+
+def _explain_flag_error(error: Exception, args: list[str]) -> str:
+  """One line for a flag absl or ml_collections refused: an unknown config key with its group and the closest
+  known keys, or the reason a config file did not load (the last line of its traceback)."""
+  from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
+  known = sorted(config_lib.flat_keys(config_lib.base()))
+  groups = {k.rpartition(".")[0] for k in known}
+  for arg in args:
+    key = arg.removeprefix("--config.").split("=")[0] if arg.startswith("--config.") else None
+    if not key or key in known:
+      continue
+    if key in groups:
+      keys = ", ".join(k for k in known if k.startswith(key + "."))
+      return f"--config.{key} is a group, not a key: set one of {keys}"
+    group = key.rpartition(".")[0]
+    name = f"group {group!r}" if group else "the top level"
+    where = (f"{name} has {', '.join(k.rpartition('.')[2] for k in known if k.rpartition('.')[0] == group)}"
+             if group in groups else f"there is no group {group!r}")
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f"unknown config key {key!r} ({where})" + (f"; closest: {', '.join(close)}" if close else "")
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  if len(lines) > 1 and "Error whilst parsing config file" in lines[0]:
+    return f"{lines[0]} {lines[-1]}"  # the exception that ended the config file, e.g. a bad `file.py:arg`
+  return lines[0] if lines else type(error).__name__
+
+
 def require(fv, *names):
   """Absent required flags are user errors (one line), not absl's usage dump."""
   for name in names:
@@ -103,9 +142,9 @@ def main(argv=None) -> int:
   try:
     try:
       fv([f"pixelgpt {command}"] + argv[2:])
+      _check_config_file(fv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-      # absl wraps config-file errors (unknown key, wrong type) in these; keep only the first line.
-      raise UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+      raise UserError(_explain_flag_error(e, argv[2:])) from None
     _init_jax(fv)
     execute(fv)
   except UserError as e:

@@ -139,6 +139,15 @@ def get(config, dotted: str, default=_REQUIRED):
   return node
 
 
+def flat_keys(config, prefix: str = "") -> list[str]:
+  """Every leaf key of `config` in dotted form ('model.n_layer')."""
+  keys = []
+  for name, value in config.items():
+    dotted = f"{prefix}{name}"
+    keys += flat_keys(value, dotted + ".") if isinstance(value, ml_collections.ConfigDict) else [dotted]
+  return keys
+
+
 def override(config, overrides: dict) -> ml_collections.ConfigDict:
   """A copy of `config` with {'a.b': value} overrides applied, as `--config.a.b=value` would."""
   config = ml_collections.ConfigDict(config.to_dict())

@@ -136,7 +136,8 @@ def expand(sweep: dict, workdir_root: str) -> list[Run]:
   runs = []
   for overrides in grid(sweep):
     name = run_name(overrides)
-    runs.append(Run(name, overrides, _apply(sweep["base"], overrides, name), os.fspath(epath.Path(workdir_root) / name)))
+    workdir = os.fspath(epath.Path(workdir_root) / name)
+    runs.append(Run(name, overrides, _apply(sweep["base"], overrides, name), workdir))
   names = [r.name for r in runs]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:

@@ -181,25 +181,28 @@ def load_or_fit_palette(config, workdir, *, write: bool) -> np.ndarray:
 class PreemptionGuard:
   """SIGTERM (Cloud TPU maintenance, spot preemption) asks the loop to finish its step, checkpoint and exit 0.
 
-  With several processes each may get the signal at a different step, so they agree at sync points (log steps)
-  through an all-gather of their flags and stop together.
+  With several processes, JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM on
+  whichever process receives it and propagates the notice; its sync point then names one step, the same on every
+  process, at which all save, with no collective of ours per step. (A Python handler would replace the service's
+  own, so none is installed then.)
   """
 
   def __init__(self):
     self._flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._service = jax.process_count() > 1
+    self._previous = None if self._service else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self._flag = True
 
-  def requested(self, *, at_sync_point: bool) -> bool:
-    if jax.process_count() == 1:
-      return self._flag
-    return at_sync_point and bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
+  def requested(self, step: int) -> bool:
+    """Whether to save at `step` and stop; call it at every step (the sync point must see each one)."""
+    return multihost_utils.reached_preemption_sync_point(step) if self._service else self._flag
 
   def release(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._service:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(fetched, *, skip: bool, writer, last_checkpoint) -> int:
@@ -316,7 +319,7 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
         pending.append((step, step_metrics))
         writer.advance()
         logging = step % config.log_every == 0 or step == end
-        preempted = guard.requested(at_sync_point=logging)
+        preempted = guard.requested(step)
         saving = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end or preempted
         if logging or saving:
           fetched = jax.device_get(pending)

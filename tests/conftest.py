@@ -3,8 +3,12 @@ subprocess (for signals, exit codes and multi-process runs)."""
 
 import importlib.util
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import pytest
@@ -48,6 +52,62 @@ def start_pixelgpt(*args, devices: int = 1, env: dict | None = None, cwd: str = 
   return subprocess.Popen(pixelgpt_argv(*args, devices=devices), cwd=cwd,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_job(*args, processes: int, devices: int, logs, env: dict | None = None,
+              cwd: str = REPO) -> list[subprocess.Popen]:
+  """`pixelgpt ARGS` as a multi-process job on localhost (gloo), `devices` CPU devices per process, each
+  process's output in its own log file under `logs` (never a pipe, which could fill up and stall one of them)."""
+  address = f"localhost:{_free_port()}"
+  procs = []
+  for i in range(processes):
+    log = tempfile.NamedTemporaryFile("w+", dir=logs, prefix=f"process{i}-", suffix=".log", delete=False)
+    procs.append(subprocess.Popen(
+        pixelgpt_argv(*args, f"--coordinator_address={address}", f"--num_processes={processes}",
+                      f"--process_id={i}", devices=devices), cwd=cwd,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), stdout=log, stderr=subprocess.STDOUT, text=True))
+    procs[-1].log = log
+  return procs
+
+
+def job_outputs(procs) -> list[str]:
+  """What each process printed, for processes started by start_job (others: what their pipe still holds)."""
+  return [open(p.log.name).read() if hasattr(p, "log") else (p.stdout.read() if p.stdout else "") for p in procs]
+
+
+def finish_job(procs, timeout: float = 600) -> str:
+  """Waits for every process to exit 0; returns process 0's output."""
+  for p in procs:
+    p.wait(timeout=timeout)
+  outputs = job_outputs(procs)
+  assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-3000:] for o in outputs)
+  return outputs[0]
+
+
+def kill_job(procs) -> None:
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.wait()
+
+
+def wait_for(predicate, procs, timeout: float = 240.0, poll: float = 0.005) -> bool:
+  """True once predicate() holds; False if a process ended first; a timeout kills the job and shows its output."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    if any(p.poll() is not None for p in procs):
+      return False
+    time.sleep(poll)
+  kill_job(procs)
+  raise TimeoutError("\n".join(f"process {i}:\n{o[-3000:]}" for i, o in enumerate(job_outputs(procs))))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ HTTP API (tests/gcs_server.py) and runs pixelgpt in subprocesses pointed at the 
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,8 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from pixelgpt import metrics as metrics_lib
-from tests.conftest import REPO, pixelgpt_argv, run_pixelgpt
-from tests.test_multihost import _free_port
+from tests.conftest import REPO, finish_job, kill_job, pixelgpt_argv, run_pixelgpt, start_job, wait_for
 
 BUCKET = "bucket"
 TINY = ["--config.batch_size=16", "--config.model.n_layer=2", "--config.model.d_model=32", "--config.model.n_head=4",
@@ -61,50 +59,7 @@ def _train(workdir, data_dir, *extra):
 
 
 def _two_processes(args, env, cwd, logs):
-  """Processes 0 and 1 of a job on localhost, 4 CPU devices each, their output in a log file each in `logs` (never
-  a pipe that could fill up and stall one of them)."""
-  address = f"localhost:{_free_port()}"
-  procs = []
-  for i in range(2):
-    log = tempfile.NamedTemporaryFile("w+", dir=logs, prefix=f"process{i}-", suffix=".log", delete=False)
-    procs.append(subprocess.Popen(
-        pixelgpt_argv(*args, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-                      devices=4), cwd=cwd, env=dict(os.environ, JAX_PLATFORMS="cpu", **env), stdout=log,
-        stderr=subprocess.STDOUT, text=True))
-    procs[-1].log = log
-  return procs
-
-
-def _outputs(procs) -> list[str]:
-  return [open(p.log.name).read() for p in procs]
-
-
-def _finish(procs):
-  for p in procs:
-    p.wait(timeout=600)
-  outputs = _outputs(procs)
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  return outputs[0]
-
-
-def _kill(procs):
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-  for p in procs:
-    p.wait()
-
-
-def _wait_for(predicate, procs, timeout=240.0, poll=0.005):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return True
-    if any(p.poll() is not None for p in procs):
-      return False
-    time.sleep(poll)
-  _kill(procs)
-  outputs = _outputs(procs)
-  raise TimeoutError(f"process 0:\n{outputs[0][-3000:]}\nprocess 1:\n{outputs[1][-3000:]}")
+  return start_job(*args, processes=2, devices=4, logs=logs, env=env, cwd=cwd)
 
 
 def _save_in_flight(gcs, prefix):
@@ -151,17 +106,17 @@ def gs_run(gcs, tmp_path_factory):
   os.makedirs(cwd)
 
   reference = str(tmp / "reference")
-  _finish(_two_processes(_train(reference, tmp / "tfds"), gcs.env, REPO, tmp))
+  finish_job(_two_processes(_train(reference, tmp / "tfds"), gcs.env, REPO, tmp))
 
   args = _train(f"gs://{BUCKET}/run", f"gs://{BUCKET}/tfds")
   procs = _two_processes(args, gcs.env, cwd, tmp)
-  assert _wait_for(lambda: _save_in_flight(gcs, "run"), procs), "the run ended before a save was seen in flight"
-  _kill(procs)
+  assert wait_for(lambda: _save_in_flight(gcs, "run"), procs), "the run ended before a save was seen in flight"
+  kill_job(procs)
   before = len(_gs_metrics(gcs, "run", tmp))
   procs = _two_processes(args, gcs.env, cwd, tmp)
-  assert _wait_for(lambda: len(_gs_metrics(gcs, "run", tmp)) >= before + 3, procs, poll=0.05)
-  _kill(procs)
-  out = _finish(_two_processes(args, gcs.env, cwd, tmp))
+  assert wait_for(lambda: len(_gs_metrics(gcs, "run", tmp)) >= before + 3, procs, poll=0.05)
+  kill_job(procs)
+  out = finish_job(_two_processes(args, gcs.env, cwd, tmp))
   resumed = int(out.split("resuming from step ")[1].split()[0])
   assert 0 < resumed < 16, out[-3000:]
   return {"reference": reference, "tmp": tmp, "cwd": cwd, "tfds": str(tmp / "tfds")}

@@ -4,11 +4,10 @@ checkpoint together, and that checkpoint resumes in 1 process on 2 devices (resh
 import json
 import os
 import shutil
-import socket
 
 import numpy as np
 
-from tests.conftest import run_pixelgpt, start_pixelgpt
+from tests.conftest import finish_job, run_pixelgpt, start_job
 
 ARGS = ["train", "--config", "configs/smoke.py", "--config.total_steps=10", "--config.log_every=1",
         "--config.eval_every=5", "--config.checkpoint_every=5", "--config.batch_size=16", "--config.model.n_layer=2",
@@ -24,22 +23,11 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in map(json.loads, f)}
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one_and_resume_on_another_mesh(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   run_pixelgpt(*_args(one), devices=8)
 
-  address = f"localhost:{_free_port()}"
-  procs = [start_pixelgpt(*_args(two, f"--coordinator_address={address}", "--num_processes=2",
-                                  f"--process_id={i}"), devices=4) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  assert "8 cpu device(s)" in outputs[0]
+  assert "8 cpu device(s)" in finish_job(start_job(*_args(two), processes=2, devices=4, logs=tmp_path))
 
   reference, multi = _losses(one), _losses(two)
   assert sorted(multi) == list(range(1, 11))

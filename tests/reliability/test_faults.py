@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pixelgpt import metrics as metrics_lib
-from tests.conftest import run_pixelgpt, start_pixelgpt
+from tests.conftest import finish_job, run_pixelgpt, start_job, start_pixelgpt, wait_for
 
 TINY = ["--config.batch_size=16", "--config.model.n_layer=2", "--config.model.d_model=32", "--config.model.n_head=4",
         "--config.palette.fit_pixels=20000", "--config.log_every=1", "--config.eval_every=0",
@@ -46,17 +46,6 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in map(json.loads, f)}
 
 
-def _wait_for(predicate, proc, timeout=300.0, poll=0.002):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return True
-    if proc.poll() is not None:
-      return False
-    time.sleep(poll)
-  raise TimeoutError
-
-
 def _logged_steps(workdir):
   return len(metrics_lib.read_metrics(workdir))  # mid-run: metrics.jsonl and the tail logged since the last seal
 
@@ -70,14 +59,14 @@ def test_sigkill_at_any_moment_resumes_bitwise_identically(tmp_path):
   # 1: killed while an asynchronous checkpoint write is in flight (orbax's temporary directory exists).
   proc = _start(killed, *steps)
   in_flight = lambda: bool(glob.glob(str(killed / "checkpoints" / "*tmp*")))
-  assert _wait_for(in_flight, proc), "the run ended before a checkpoint write was seen"
+  assert wait_for(in_flight, [proc], poll=0.002), "the run ended before a checkpoint write was seen"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   # 2 and 3: killed between checkpoints, at arbitrary steps.
   for after_steps in (3, 9):
     before = _logged_steps(killed)
     proc = _start(killed, *steps)
-    if _wait_for(lambda: _logged_steps(killed) >= before + after_steps, proc):
+    if wait_for(lambda: _logged_steps(killed) >= before + after_steps, [proc]):
       proc.send_signal(signal.SIGKILL)
     proc.wait()
   _run(killed, *steps)  # the same command, until done
@@ -92,7 +81,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
   workdir = tmp_path / "w"
   steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
   proc = _start(workdir, *steps)
-  assert _wait_for(lambda: _logged_steps(workdir) >= 5, proc)
+  assert wait_for(lambda: _logged_steps(workdir) >= 5, [proc])
   start = time.time()
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=60)[0]
@@ -102,10 +91,30 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
   assert os.listdir(workdir / "checkpoints") == [str(saved)]
 
   proc = _start(workdir, *steps)
-  assert _wait_for(lambda: _logged_steps(workdir) >= saved + 2, proc)
+  assert wait_for(lambda: _logged_steps(workdir) >= saved + 2, [proc])
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=60)[0]
   assert f"resuming from step {saved}" in out and proc.returncode == 0
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_resumes(tmp_path):
+  workdir = tmp_path / "w"
+  steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
+  procs = start_job(*_args(workdir, *steps), processes=2, devices=1, logs=tmp_path)
+  assert wait_for(lambda: _logged_steps(workdir) >= 5, procs)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only: JAX's preemption service tells process 0
+  start = time.time()
+  out = finish_job(procs, timeout=60)
+  assert time.time() - start < 60 and "SIGTERM: saved a checkpoint at step" in out, out[-3000:]
+  saved = int(out.split("saved a checkpoint at step ")[1].split()[0])
+  # One step, saved by both processes together: one checkpoint holding both processes' iterator states.
+  assert os.listdir(workdir / "checkpoints") == [str(saved)]
+  assert sorted(f for f in os.listdir(workdir / "checkpoints" / str(saved) / "data") if f.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  out = finish_job(start_job(*_args(workdir, f"--config.total_steps={saved + 2}", "--config.checkpoint_every=100000"),
+                             processes=2, devices=1, logs=tmp_path))
+  assert f"resuming from step {saved}" in out
+  assert sorted(m["step"] for m in metrics_lib.read_metrics(workdir)) == list(range(1, saved + 3))
 
 
 @pytest.mark.parametrize("skip", [False, True])
