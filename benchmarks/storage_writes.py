@@ -110,7 +110,7 @@ def main():
       "lower bound for a real bucket.", "",
       "| per log step | pixelgpt (tail + rewrite at checkpoint) | rewrite metrics.jsonl every log step |",
       "|---|---:|---:|",
-      f"| requests | 1 upload of the tail; at a checkpoint 1 upload of metrics.jsonl and 1 delete | 1 upload |",
+      "| requests | 1 upload of the tail; at a checkpoint 1 upload of metrics.jsonl and 1 delete | 1 upload |",
       f"| bytes uploaded (mean over the run) | {ours['metrics_bytes_per_log_step']:,.0f} | "
       f"{naive['metrics_bytes_per_log_step']:,.0f} |",
       f"| write time, median | {ms(ours['log_write_s_median'])} | first 100: "

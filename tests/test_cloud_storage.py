@@ -6,13 +6,13 @@ The test process itself never opens a Cloud Storage client: it reads and writes 
 HTTP API (tests/gcs_server.py) and runs pixelgpt in subprocesses pointed at the server, as a user's machine would be.
 """
 
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 
 import numpy as np
@@ -195,17 +195,12 @@ def test_eval_sample_score_probe_finetune_and_convert_read_the_gs_workdir(gcs, g
   assert "finetuned/checkpoints/2/commit_success.txt" in gcs.objects(BUCKET, "finetuned/")
 
   # convert --to_hf from the gs:// workdir: the same safetensors as from the local one.
-  if "transformers" in sys.modules or _importable("transformers"):
+  if importlib.util.find_spec("transformers") is not None:  # the `hf` extra
     _command(gcs, cwd, "convert", "--to_hf", tmp_path / "hf_gs", "--workdir", gs)
     _command(gcs, REPO, "convert", "--to_hf", tmp_path / "hf_local", "--workdir", reference)
     assert (tmp_path / "hf_gs" / "model.safetensors").read_bytes() == \
         (tmp_path / "hf_local" / "model.safetensors").read_bytes()
   assert os.listdir(cwd) == []
-
-
-def _importable(name: str) -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return importlib.util.find_spec(name) is not None
 
 
 def test_a_damaged_checkpoint_on_gs_falls_back_to_the_previous_one(gcs, tmp_path):
@@ -277,7 +272,7 @@ def test_an_unusable_bucket_is_one_line_and_exit_2_before_any_work(gcs, tmp_path
 
   one_line(run_pixelgpt(*args, "gs://no-such-bucket/run", env=gcs.env, cwd=cwd, check=False),
            "bucket gs://no-such-bucket does not exist")
-  one_line(run_pixelgpt(*args, f"gs://{BUCKET}/run2", f"--config.dataset.data_dir=gs://missing-data/tfds",
+  one_line(run_pixelgpt(*args, f"gs://{BUCKET}/run2", "--config.dataset.data_dir=gs://missing-data/tfds",
                         "--config.dataset.name=tfds:pixelgpt_gcs_digits", env=gcs.env, cwd=cwd, check=False),
            "bucket gs://missing-data does not exist")
   # No emulator, no key file, no gcloud login (an empty HOME), not on Google Cloud: no credentials.
