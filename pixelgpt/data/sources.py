@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 import sys
+import threading
 
 import numpy as np
 from PIL import Image
@@ -136,6 +137,7 @@ def read_idx(path) -> np.ndarray:
 # --- folder:<path>: one sub-folder of image files per class ----------------------------------------------------
 
 SKIPPED: set[str] = set()  # unreadable files met by this process, each reported once
+_SKIPPED_LOCK = threading.Lock()  # grain reads with several threads: one report per file, counted in order
 
 
 class FolderSource:
@@ -163,9 +165,11 @@ class FolderSource:
         if not self._skip:
           raise UserError(f"unreadable image {self._paths[i]} ({type(e).__name__}); set "
                           f"config.dataset.skip_unreadable=True to skip such files") from None
-        if self._paths[i] not in SKIPPED:
-          SKIPPED.add(self._paths[i])
-          print(f"pixelgpt: skipping unreadable image {self._paths[i]} ({len(SKIPPED)} so far)", file=sys.stderr)
+        with _SKIPPED_LOCK:
+          if self._paths[i] not in SKIPPED:
+            SKIPPED.add(self._paths[i])
+            print(f"pixelgpt: skipping unreadable image {self._paths[i]} ({len(SKIPPED)} so far)", file=sys.stderr,
+                  flush=True)
     raise UserError(f"none of the {len(self._paths)} images in this split is readable")
 
 
