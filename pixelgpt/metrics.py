@@ -107,17 +107,21 @@ def _read_lines(path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def read_metrics(workdir) -> list[dict]:
-  """Every logged step of the run in `workdir` exactly once, in order: metrics.jsonl, then the tail's later lines.
+def _read_logged(w) -> tuple[list[dict], list[dict]]:
+  """(every step logged, whether there was a tail), metrics.jsonl's lines then the tail's later ones.
 
   The tail is read first: the writer replaces metrics.jsonl before it clears the tail, so a reader racing a seal
   sees each line in one file or the other, never in neither.
   """
-  w = storage.path(workdir)
   tail = _read_lines(w / TAIL_FILE)
   history = _read_lines(w / METRICS_FILE)
   last = history[-1]["step"] if history else -1
-  return history + [m for m in tail if m["step"] > last]
+  return history + [m for m in tail if m["step"] > last], bool(tail)
+
+
+def read_metrics(workdir) -> list[dict]:
+  """Every logged step of the run in `workdir` exactly once, in order."""
+  return _read_logged(storage.path(workdir))[0]
 
 
 def _lines(metrics: list[dict]) -> str:
@@ -170,10 +174,10 @@ class MetricWriter:
       return
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self._dir = storage.path(workdir)
-    logged = read_metrics(self._dir)
+    logged, had_tail = _read_logged(self._dir)
     self._history = [m for m in logged if m["step"] <= initial_step]
     self._tail = []
-    if len(self._history) != len(logged) or (self._dir / TAIL_FILE).exists():
+    if len(self._history) != len(logged) or had_tail:
       storage.write_atomic(self._dir / METRICS_FILE, _lines(self._history))
       (self._dir / TAIL_FILE).unlink(missing_ok=True)
     self._open_tensorboard(initial_step, purge=initial_step > 0)

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -159,7 +160,8 @@ class FolderSource:
     for offset in range(len(self._paths)):
       i = (index + offset) % len(self._paths)
       try:
-        with Image.open(io.BytesIO(storage.path(self._paths[i]).read_bytes())) as image:
+        # The paths are already absolute or URLs (from storage.usable): no normalising on this hot path.
+        with Image.open(io.BytesIO(epath.Path(self._paths[i]).read_bytes())) as image:
           return _record(np.asarray(image.convert(self._mode)), self._labels[i])
       except (OSError, ValueError, Image.DecompressionBombError) as e:
         if not self._skip:
