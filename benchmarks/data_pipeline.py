@@ -83,7 +83,7 @@ def consumption(batch_size: int, steps: int) -> dict:
   with sharding_lib.activate(mesh):
     step = s.train_step.lower(state, train.abstract_batch(config, s)).compile()
   batch = pipeline.to_global({"tokens": common.random_tokens(config, 1)[0], "label": np.zeros(batch_size, np.int32)},
-                             s.batch_sharding)
+                             s.batch_sharding, batch_size)
   holder = {"state": state}
 
   def run():

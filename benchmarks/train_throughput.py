@@ -49,7 +49,7 @@ def pixelgpt_side(config, batches):
 
   def step():
     batch = {"tokens": batches[holder["step"] % len(batches)], "label": np.zeros((config.batch_size,), np.int32)}
-    holder["state"], metrics = compiled(holder["state"], pipeline.to_global(batch, s.batch_sharding))
+    holder["state"], metrics = compiled(holder["state"], pipeline.to_global(batch, s.batch_sharding, config.batch_size))
     holder["loss"] = metrics["train/loss"]
     jax.block_until_ready((holder["state"], holder["loss"]))
     holder["step"] += 1

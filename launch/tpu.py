@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
   install.add_argument("--repo", help="git URL the workers clone (default: copy this checkout's --ref)")
   install.add_argument("--ref", default="HEAD", help="commit, branch or tag (with --repo: a branch or tag)")
   train = _Parser(add_help=False)
-  train.add_argument("--config", help="config file relative to the repository root, e.g. configs/pod/X.py; "
+  train.add_argument("--config", help="config file relative to the repository root, e.g. configs/pod.py:l,v4-2048; "
                                       "--config.key=value flags override it, as with `pixelgpt train`")
   train.add_argument("--workdir", help="gs://bucket/path: every worker writes the same checkpoints")
   logs = _Parser(add_help=False)
@@ -150,7 +150,7 @@ def _resolve(action: str, options: dict) -> argparse.Namespace:
       raise LaunchError("--best-effort needs a queued resource (--queued or --slices N)")
   if takes_config:
     if not o.config:
-      raise LaunchError("--config is required (e.g. configs/pod/igpt_l_v4_2048.py)")
+      raise LaunchError("--config is required (e.g. configs/pod.py:l,v4-2048)")
     if not (o.workdir or "").startswith("gs://"):
       raise LaunchError(f"--workdir {o.workdir!r}: a gs:// path is required, so that all workers share one run"
                         if o.workdir else "--workdir gs://BUCKET/PATH is required")

@@ -44,12 +44,31 @@ def fingerprint(tree) -> jax.Array:
   return jnp.stack([leaf_sum(x) for x in jax.tree.leaves(tree)])
 
 
-class Checkpointer:
+def _remove_unfinished(directory: epath.Path) -> None:
+  """Deletes the step directories that a killed save left unfinished (process 0; the others wait for it).
 
-  def __init__(self, workdir, *, keep: int, async_save: bool = True):
+  Done before the manager lists the steps, not by orbax's own cleanup, which runs concurrently with that listing:
+  on object storage, where a directory is only a name prefix, the listing then fails once the last object under
+  `checkpoints/` (a first save killed mid-write) is gone.
+  """
+  if jax.process_index() == 0 and directory.exists():
+    for child in directory.iterdir():
+      if not ocp.utils.is_checkpoint_finalized(child):
+        child.rmtree()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"pixelgpt unfinished checkpoints removed from {directory}")
+
+
+class Checkpointer:
+  """A run's checkpoint manager. `read_only` (readers of a workdir: eval, sample, probe) never deletes anything, not
+  even the unfinished step a run that is still training is writing."""
+
+  def __init__(self, workdir, *, keep: int, async_save: bool = True, read_only: bool = False):
     self.workdir = storage.path(workdir)
     self.directory = self.workdir / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+    if not read_only:
+      _remove_unfinished(self.directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,

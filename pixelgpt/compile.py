@@ -1,11 +1,11 @@
 """`pixelgpt compile`: ahead-of-time compile of the trainer's own train step for a TPU topology, on any machine.
 
 libtpu describes the devices of a TPU slice (or several) without owning one, so a pod config is proven to fit in
-HBM here, before a pod is rented; `pod_config` builds the configs of configs/pod/ that this command checks.
+HBM here, before a pod is rented, together with how many rows of each global batch every host of the pod must
+decode; configs/pod.py:MODEL,TOPOLOGY builds the pod configs this command checks.
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -111,7 +111,10 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
                     "slice(s): data parallelism across slices needs one mesh row per slice")
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  sharding_lib.check_batch(config.batch_size, mesh, len({d.process_index for d in devices}))
+  sharding_lib.check_batch(config.batch_size, mesh)
+  # What each host of the pod will decode per step: the rows its devices hold (a row held by devices of several
+  # hosts is decoded by each of them).
+  rows = [len(r) for r in sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), config.batch_size).values()]
   setup = train_lib.setup(config, mesh)
 
   start = time.perf_counter()
@@ -144,6 +147,8 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
       "remat": config.model.remat, "per_device_bytes": None, "hbm_bytes": hbm_bytes, "fits": False,
       "reason": reason, "flops_per_step": flops_per_step, "compiler_flops_per_device": None, "mfu": mfu,
       "step_time_s": step_time_s, "tokens_per_sec": tokens_per_step / step_time_s, "compile_s": compile_s,
+      "processes": len(rows), "rows_per_process": {"min": min(rows), "max": max(rows)},
+      "rows_decoded_per_step": sum(rows), "host_images_per_sec": max(rows) / step_time_s,
   }
   if compiled is not None:
     m = compiled.memory_analysis()
@@ -171,41 +176,13 @@ def format_report(r: dict, label: str) -> str:
                  f"{r['hbm_bytes'] / GIB:.0f} GiB HBM")
   lines.append(f"  FLOPs per step {r['flops_per_step']:.3g} (model); at {r['mfu']:.0%} MFU: "
                f"{r['step_time_s']:.3g} s/step, {r['tokens_per_sec']:,.0f} tokens/s")
+  per_host = r["rows_per_process"]
+  spread = f"{per_host['min']}" if per_host["min"] == per_host["max"] else f"{per_host['min']}-{per_host['max']}"
+  lines.append(f"  feeding: each of {r['processes']} hosts decodes {spread} of the batch's {r['batch_size']} rows per "
+               f"step ({r['rows_decoded_per_step'] / r['batch_size']:.3g}× the batch in all), "
+               f"{r['host_images_per_sec']:,.0f} images/s per host at {r['mfu']:.0%} MFU")
   lines.append(f"  compiled in {r['compile_s']:.1f} s: " + ("fits" if r["fits"] else f"does not fit: {r['reason']}"))
   return "\n".join(lines)
-
-
-def pod_config(size: str, resolution: int, topology: str, *, num_slices: int = 1, tensor: int = 1,
-               remat: str = "full", attention: str = "xla"):
-  """config.igpt(size) at `resolution` for a TPU pod: FSDP within each slice, data parallel across slices, and
-  `tensor`-way tensor parallelism (heads, MLP, vocabulary) within one host's devices.
-
-  Every data-parallel shard takes one sequence, so the global batch is devices / tensor: the paper's 128 (L) and
-  64 (XL) cannot split over 1024-2048 devices, and pure FSDP would make it 8-32x the paper's; tensor parallelism
-  of 4-8 keeps it at 2-8x while every host still reads at least one sequence. The lr stays the family's; the
-  schedule keeps the paper's epochs: warmup for one epoch, then as many images as 1M steps at the paper's batch.
-  """
-  c = config_lib.igpt(size)
-  devices = parse_topology(topology, num_slices).num_devices
-  paper_batch, paper_steps, epoch_images = c.batch_size, c.total_steps, c.optim.warmup_steps * c.batch_size
-  c.batch_size = devices // tensor
-  c.total_steps = paper_steps * paper_batch // c.batch_size
-  c.optim.warmup_steps = epoch_images // c.batch_size
-  c.dataset.resolution = resolution
-  # imagenet_resized comes at 8-64 px; the pipeline BOX-downsamples the next larger size (64 -> 48).
-  side = 2 ** math.ceil(math.log2(resolution))
-  c.dataset.name = f"tfds:imagenet_resized/{side}x{side}"
-  c.model.remat, c.model.attention = remat, attention
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = 1, -1, tensor, num_slices
-  return c
-
-
-def load_pod_config(path: str):
-  """configs/pod/X.py -> (its config, its Topology): a pod config names the TOPOLOGY and NUM_SLICES it is for."""
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(), parse_topology(module.TOPOLOGY, module.NUM_SLICES)
 
 
 # ----------------------------------------------------------------------------------------------------------------

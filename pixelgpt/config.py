@@ -73,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1  # -1: all devices not used by the other axes
   c.mesh.tensor = 1
   c.mesh.dcn_data = 1  # slices, joined over the data-center network
+  # How the axes are laid over the devices, outermost first: the innermost one gets neighbouring devices
+  # (one host's), so tensor parallelism's per-layer collectives stay on the fastest links.
+  c.mesh.axis_order = "data,fsdp,tensor"
   return c
 
 

@@ -92,10 +92,11 @@ def score_tokens(run, tokens: np.ndarray, batch_size: int | None = None):
     logits = run.setup.model.apply({"params": params}, x, bert_mask=bert)
     return logits, model_lib.token_nll(logits, x).mean(axis=1)
 
+  rows = sharding_lib.local_rows(sharding, batch)
   logits, nll = [], []
   with sharding_lib.activate(run.mesh):
     for (chunk,), real in _padded_batches([tokens.astype(np.int32)], batch):
-      out = forward(run.params, jax.device_put(chunk, sharding))
+      out = forward(run.params, pipeline.to_global({"tokens": chunk[rows]}, sharding, batch)["tokens"])
       logits.append(np.asarray(out[0])[:real])
       nll.append(np.asarray(out[1])[:real])
   return np.concatenate(logits), np.concatenate(nll)
@@ -137,11 +138,13 @@ def split_features(run, split: str, *, examples: int = 0, desc: str = "features"
     bert = None if cfg.causal else jnp.zeros(x.shape, bool)
     return run.setup.model.apply({"params": params}, x, bert_mask=bert, return_features=True)[1]
 
+  rows = sharding_lib.local_rows(sharding["tokens"], config.batch_size)
   feats, labels, tokens = [], [], []
   with sharding_lib.activate(run.mesh):
-    for host in tqdm(pipeline.make_eval_batches(config, run.palette), desc=desc, unit="batch", leave=False):
+    for host in tqdm(pipeline.make_eval_batches(config, run.palette, rows=rows), desc=desc, unit="batch",
+                     leave=False):
       keep = host["mask"] > 0
-      batch = pipeline.to_global(host, sharding)
+      batch = pipeline.to_global(host, sharding, config.batch_size)
       feats.append(np.asarray(features(run.params, batch["tokens"]))[:, keep])
       labels.append(host["label"][keep])
       tokens.append(host["tokens"][keep])
@@ -264,13 +267,14 @@ def finetune(workdir, out, *, steps: int, lr: float = 0.0) -> dict:
     return train.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), parts
 
   out = storage.usable(out, what="--out")
-  data = pipeline.make_train_iterator(config, run.palette)
+  rows = sharding_lib.local_rows(run.setup.batch_sharding["tokens"], config.batch_size)
+  data = pipeline.make_train_iterator(config, run.palette, rows=rows)
   checkpointer = ckpt_lib.Checkpointer(out, keep=1)
   config_json = config_lib.to_json(config)
   log = []
   with sharding_lib.activate(mesh):
     for i in tqdm(range(1, steps + 1), desc="finetune", unit="step"):
-      batch = pipeline.to_global(next(data), run.setup.batch_sharding)
+      batch = pipeline.to_global(next(data), run.setup.batch_sharding, config.batch_size)
       state, (generative, classification) = step_fn(state, batch)
       if i % max(1, steps // 10) == 0 or i == steps:
         log.append({"step": i, "loss/gen": float(generative), "loss/clf": float(classification)})
@@ -280,9 +284,11 @@ def finetune(workdir, out, *, steps: int, lr: float = 0.0) -> dict:
     predict = jax.jit(lambda p, x: jnp.argmax(_classify(model, p, x)[1], axis=-1))
     sharding = dict(run.setup.batch_sharding, mask=sharding_lib.batch_sharding(mesh))
     correct = total = 0
-    for host in pipeline.make_eval_batches(_split_config(config, config.dataset.eval_split), run.palette):
+    test_config = _split_config(config, config.dataset.eval_split)
+    for host in pipeline.make_eval_batches(test_config, run.palette, rows=rows):
       keep = host["mask"] > 0
-      predicted = np.asarray(predict(state.params, pipeline.to_global(host, sharding)["tokens"]))
+      batch = pipeline.to_global(host, sharding, config.batch_size)
+      predicted = np.asarray(predict(state.params, batch["tokens"]))
       correct += int((predicted[keep] == host["label"][keep]).sum())
       total += int(keep.sum())
   palette_lib.save(out / "palette.npy", run.palette)

@@ -112,7 +112,7 @@ def sample_flags(fv):
 
 def sample_main(fv):
   import time  # pylint: disable=g-import-not-at-top
-  from pixelgpt import cli, sharding, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pixelgpt import cli, sharding as sharding_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
   from pixelgpt.data import pipeline  # pylint: disable=g-import-not-at-top
   from pixelgpt.errors import UserError  # pylint: disable=g-import-not-at-top
@@ -136,10 +136,11 @@ def sample_main(fv):
   devices = run.mesh.devices.size
   padded = -(-len(prefix) // devices) * devices
   batch = np.concatenate([prefix, np.zeros((padded - len(prefix), prefix.shape[1]), np.int32)])
-  with sharding.activate(run.mesh):
+  with sharding_lib.activate(run.mesh):
     fn = jax.jit(lambda p, r, x: sample(run.setup.model, p, r, x, keep=keep, temperature=fv.temperature,
                                         top_k=fv.top_k))
-    x = jax.device_put(batch, run.setup.batch_sharding["tokens"])
+    layout = run.setup.batch_sharding["tokens"]
+    x = pipeline.to_global({"tokens": batch[sharding_lib.local_rows(layout, padded)]}, layout, padded)["tokens"]
     compiled = fn.lower(run.params, jax.random.key(fv.seed), x).compile()
     start = time.perf_counter()
     tokens = np.asarray(jax.block_until_ready(compiled(run.params, jax.random.key(fv.seed), x)))[:len(prefix)]

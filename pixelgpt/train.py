@@ -229,9 +229,9 @@ def evaluate(config, s: Setup, params, palette, mesh) -> float:
   """Held-out NLL in nats/token over one deterministic pass of the eval split."""
   sharding = dict(s.batch_sharding, mask=sharding_lib.batch_sharding(mesh))
   total, count = 0.0, 0.0
-  for i, host_batch in enumerate(pipeline.make_eval_batches(
-      config, palette, process_index=jax.process_index(), process_count=jax.process_count())):
-    batch = pipeline.to_global(host_batch, sharding)
+  rows = sharding_lib.local_rows(sharding["tokens"], config.batch_size)
+  for i, host_batch in enumerate(pipeline.make_eval_batches(config, palette, rows=rows)):
+    batch = pipeline.to_global(host_batch, sharding, config.batch_size)
     t, c = s.eval_sums(params, batch, jax.random.fold_in(jax.random.key(config.seed + 1), i))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
@@ -266,14 +266,15 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
 
   # --- Mesh --------------------------------------------------------------------------------------------------
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  sharding_lib.check_batch(config.batch_size, mesh, jax.process_count())
+  sharding_lib.check_batch(config.batch_size, mesh)
 
   # --- Palette and input -------------------------------------------------------------------------------------
   palette = load_or_fit_palette(config, workdir, write=is_main)
   if is_main:
     storage.write_atomic(workdir / "config.json", config_json)
-  data = pipeline.make_train_iterator(config, palette, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+  # This process decodes only the rows of each global batch that its devices hold.
+  rows = sharding_lib.local_rows(sharding_lib.batch_sharding(mesh), config.batch_size)
+  data = pipeline.make_train_iterator(config, palette, rows=rows)
 
   # --- Model, optimizer, sharded init ------------------------------------------------------------------------
   s = setup(config, mesh)
@@ -314,7 +315,7 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
     last, pending, interval, interval_start, skipped = {}, [], [], time.perf_counter(), 0
     try:
       for step in range(start + 1, end + 1):
-        batch = pipeline.to_global(next(data), s.batch_sharding)
+        batch = pipeline.to_global(next(data), s.batch_sharding, config.batch_size)
         state, step_metrics = train_step(state, batch)
         pending.append((step, step_metrics))
         writer.advance()

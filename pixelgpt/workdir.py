@@ -30,8 +30,7 @@ class Run:
 
 def inference_mesh(config, devices=None):
   """The devices available now, all on fsdp: a workdir trained on any mesh can be read on any machine."""
-  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
-  return sharding_lib.make_mesh(mesh_config, devices)
+  return sharding_lib.make_mesh(config_lib.base().mesh, devices)  # the default mesh: pure fsdp, one slice
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
@@ -47,7 +46,7 @@ def open_run(workdir, *, step: int | None = None, devices=None) -> Run:
                              expect_c=config.dataset.channels)
   mesh = inference_mesh(config, devices)
   s = train.setup(config, mesh)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise UserError(f"{workdir} has no checkpoint yet")

@@ -224,6 +224,20 @@ def test_a_damaged_checkpoint_on_gs_falls_back_to_the_previous_one(gcs, tmp_path
   assert [m["step"] for m in _gs_metrics(gcs, "damaged", tmp_path)] == list(range(1, 13))
 
 
+def test_unfinished_steps_are_removed_by_the_trainer_and_left_to_a_writer_by_readers(gcs):
+  # What a first save killed mid-write leaves on a bucket: objects under checkpoints/4/ and no commit marker.
+  gcs.write(BUCKET, "first/checkpoints/4/state/leftover", b"partial")
+  run_pixelgpt("train", "--config", "configs/smoke.py", "--workdir", f"gs://{BUCKET}/first", *TINY,
+               "--config.eval_every=0", "--config.total_steps=4", "--config.checkpoint_every=4", devices=2,
+               env=gcs.env)
+  names = gcs.objects(BUCKET, "first/checkpoints/")
+  assert "first/checkpoints/4/state/leftover" not in names and "first/checkpoints/4/commit_success.txt" in names
+  # A step that a still-running trainer is writing: eval reads the workdir beside it and deletes nothing.
+  gcs.write(BUCKET, "first/checkpoints/8/state/in_flight", b"partial")
+  run_pixelgpt("eval", "--workdir", f"gs://{BUCKET}/first", env=gcs.env)
+  assert "first/checkpoints/8/state/in_flight" in gcs.objects(BUCKET, "first/checkpoints/")
+
+
 def test_transient_storage_errors_during_saves_are_retried_and_change_nothing(gcs, tmp_path):
   from tests.gcs_server import FlakyProxy  # pylint: disable=g-import-not-at-top
   args = [*TINY, "--config.eval_every=0", "--config.checkpoint_every=4", "--config.total_steps=8"]

@@ -1,11 +1,12 @@
 """`pixelgpt compile`: TPU topology names, ahead-of-time compiles of the real train step for v3, v4 and multi-slice
 v5e topologies (libtpu on this CPU), fits and refusals, and the pod configs' meshes and batches."""
 
-import glob
+import collections
 import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pixelgpt import cli
@@ -19,7 +20,7 @@ from tests.conftest import REPO, load_config
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="needs libtpu (pip install pixelgpt[tpu])")
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
-POD_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "pod", "*.py")))
+POD = os.path.join(REPO, "configs", "pod.py")
 JSON_KEYS = {"topology", "devices", "mesh", "per_device_bytes", "hbm_bytes", "fits", "flops_per_step", "compile_s"}
 
 
@@ -71,6 +72,8 @@ def test_small_model_fits_and_json_reports_sharded_memory(capsys, topology, devi
   b = report["per_device_bytes"]
   assert b["total"] == b["arguments"] + b["temp"] + b["output"] - b["alias"] <= report["hbm_bytes"] == hbm_gib * 2**30
   assert b["alias"] > 0  # the donated train state is updated in place
+  assert (report["processes"], report["rows_per_process"]) == (1, {"min": 32, "max": 32})  # one host, whole batch
+  assert report["host_images_per_sec"] == pytest.approx(32 / report["step_time_s"])
   config = load_config("smoke")
   model_cfg = model_lib.ModelConfig.from_config(config)
   assert report["flops_per_step"] == metrics_lib.flops_per_token(model_cfg) * config.batch_size * model_cfg.seq_len
@@ -80,6 +83,45 @@ def test_small_model_fits_and_json_reports_sharded_memory(capsys, topology, devi
     status, out, _ = _compile(capsys, f"--config={SMOKE}", "--topology=v3-8", "--json", "--config.mesh.data=8",
                               "--config.mesh.fsdp=1")
     assert status == 0 and json.loads(out)["per_device_bytes"]["arguments"] > 3 * b["arguments"]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("arg,rows_per_host", [("l,v5e-256x8", 2), ("l,v4-2048", 1), ("xl,v3-2048", 1)])
+def test_every_host_of_a_pod_decodes_exactly_the_rows_its_devices_hold(arg, rows_per_host):
+  pod = pod_module()
+  config, (_, topology) = pod.get_config(arg), pod.parse(arg)
+  mesh = sharding_lib.make_mesh(config.mesh, compile_lib.topology_devices(topology))
+  batch = config.batch_size
+  placement = sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), batch)
+  # Independently of the sharding's index map: the device at mesh position (d, f, t) holds shard d·F + f of the
+  # batch, in order; a host holds the union of its devices' shards.
+  data, fsdp, _ = mesh.devices.shape
+  per_shard = batch // (data * fsdp)
+  held = collections.defaultdict(set)
+  for (d, f, _), device in np.ndenumerate(mesh.devices):
+    held[device.process_index].update(range((d * fsdp + f) * per_shard, (d * fsdp + f + 1) * per_shard))
+  assert sorted(placement) == sorted(held) == list(range(len(held)))  # every host of the pod has rows to decode
+  assert all(placement[p].tolist() == sorted(held[p]) for p in held)
+  assert {len(rows) for rows in placement.values()} == {rows_per_host}
+  if rows_per_host > 1:  # v5e's 2x2-chip hosts split the tensor axis: each row is decoded by two hosts, and the
+    # contiguous blocks [p·B/P, (p+1)·B/P) a pipeline would give process p are not what its devices hold.
+    contiguous = batch // len(held)
+    assert any(placement[p].tolist() != list(range(p * contiguous, (p + 1) * contiguous)) for p in held)
+
+
+@needs_libtpu
+def test_compile_reports_the_rows_every_host_decodes(capsys):
+  # v4-32: 4 hosts of 4 devices. Tensor 4 stays within a host (8 rows each); tensor 8 spans all four hosts, so
+  # every host holds, and must decode, the whole batch.
+  for tensor, rows in ((4, 8), (8, 32)):
+    status, out, _ = _compile(capsys, f"--config={SMOKE}", "--topology=v4-32", f"--config.mesh.tensor={tensor}",
+                              "--config.model.n_head=8", "--json")
+    report = json.loads(out)
+    assert status == 0 and (report["processes"], report["rows_per_process"]) == (4, {"min": rows, "max": rows})
+    assert report["rows_decoded_per_step"] == 4 * rows
+  _, out, _ = _compile(capsys, f"--config={SMOKE}", "--topology=v4-32", "--config.mesh.tensor=8",
+                       "--config.model.n_head=8")
+  assert "feeding: each of 4 hosts decodes 32 of the batch's 32 rows per step (4× the batch in all)" in out
 
 
 @needs_libtpu
@@ -114,9 +156,18 @@ def test_igpt_xl_is_refused_on_a_v3_8(capsys):
   assert "does not fit: RESOURCE_EXHAUSTED" in verdict and "HBM" in verdict
 
 
-@pytest.mark.parametrize("path", POD_CONFIGS, ids=os.path.basename)
-def test_pod_config_fills_its_topology_with_the_paper_model_and_epochs(path):
-  config, topology = compile_lib.load_pod_config(path)
+def pod_module():
+  """configs/pod.py as a module (COMBINATIONS, parse, get_config), as benchmarks/pod_table.py loads it."""
+  spec = importlib.util.spec_from_file_location("pod", POD)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("arg", pod_module().COMBINATIONS)
+def test_pod_config_fills_its_topology_with_the_paper_model_and_epochs(arg):
+  pod = pod_module()
+  config, (_, topology) = pod.get_config(arg), pod.parse(arg)
   config_lib.validate(config)
   data, fsdp, tensor = sharding_lib.mesh_shape(config.mesh, topology.num_devices)
   slices = topology.num_slices

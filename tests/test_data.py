@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pixelgpt import palette as palette_lib
+from pixelgpt import sharding as sharding_lib
 from pixelgpt.data import pipeline
 from pixelgpt.data import sources
 from pixelgpt.errors import UserError
@@ -101,20 +102,20 @@ def test_resume_through_an_orbax_checkpoint_with_grains_handler(tmp_path):
   _assert_same_batches(_take(fresh, 3), reference[5:])
 
 
-def test_processes_read_disjoint_rows_whose_union_is_the_global_batch():
+@pytest.mark.parametrize("rows", [range(8), range(8, 16), [0, 1, 6, 7, 12, 13]])
+def test_a_process_reads_exactly_its_rows_of_each_global_batch_and_resumes(rows):
   config = _digits_config(**{"dataset.flip": True})
   whole = _take(pipeline.make_train_iterator(config, GREYS), 4)
-  halves = [_take(pipeline.make_train_iterator(config, GREYS, process_index=p, process_count=2), 4) for p in (0, 1)]
-  for step, batch in enumerate(whole):
-    assert halves[0][step]["tokens"].shape == (8, 64)
-    for key in batch:
-      # Process p holds rows [8p, 8p + 8) of the same global batch: disjoint, and together all of it.
-      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
-
-
-def test_batch_size_must_divide_among_processes():
-  with pytest.raises(UserError, match="divisible by the number of processes"):
-    pipeline.make_train_iterator(_digits_config(), GREYS, process_index=0, process_count=3)
+  iterator = pipeline.make_train_iterator(config, GREYS, rows=rows)
+  mine = _take(iterator, 2)
+  # The state counts global batches: it resumes another process's (or a whole-batch) iterator in step.
+  resumed = pipeline.make_train_iterator(config, GREYS)
+  resumed.set_state(iterator.get_state())
+  _assert_same_batches(_take(resumed, 2), whole[2:])
+  for step, batch in enumerate(mine):
+    assert batch["tokens"].shape == (len(rows), 64)
+    for key in batch:  # the same global batch (flips included), only these rows of it
+      np.testing.assert_array_equal(batch[key], whole[step][key][list(rows)])
 
 
 def test_flips_are_seeded_per_example_and_mirror_images():
@@ -144,7 +145,7 @@ def test_worker_processes_give_the_in_process_batches_and_resume():
 @pytest.mark.parametrize("eval_examples, expected_n", [(0, 297), (40, 40)])
 def test_eval_pass_covers_each_example_once_with_a_padding_mask(eval_examples, expected_n):
   config = _digits_config(batch_size=32, **{"dataset.eval_examples": eval_examples})
-  per_process = [list(pipeline.make_eval_batches(config, GREYS, process_index=p, process_count=2)) for p in (0, 1)]
+  per_process = [list(pipeline.make_eval_batches(config, GREYS, rows=range(16 * p, 16 * p + 16))) for p in (0, 1)]
   assert len(per_process[0]) == len(per_process[1]) == -(-expected_n // 32)
   rows = {key: np.concatenate([b[key] for pair in zip(*per_process) for b in pair])
           for key in ("tokens", "label", "mask")}
@@ -187,11 +188,25 @@ def test_to_global_shards_every_key_over_the_batch_axis(per_key):
   host = next(pipeline.make_eval_batches(_digits_config(), GREYS))
   if per_key:
     sharding = {key: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")) for key in host}
-  batch = pipeline.to_global(host, sharding)
+  batch = pipeline.to_global(host, sharding, len(host["tokens"]))
   for key in host:
     np.testing.assert_array_equal(np.asarray(batch[key]), host[key])
     assert batch[key].sharding.spec[0] == "data"
     assert len(batch[key].addressable_shards) == len(jax.devices())
+
+
+@pytest.mark.parametrize("order", ["data,fsdp,tensor", "tensor,fsdp,data", "data,tensor,fsdp"])
+def test_mesh_axis_order_puts_the_innermost_axis_on_neighbours_and_each_device_gets_its_rows(order):
+  config = _digits_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.axis_order": order})
+  mesh = sharding_lib.make_mesh(config.mesh)
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  innermost = np.moveaxis(ids, sharding_lib.MESH_AXES.index(order.split(",")[-1]), -1)
+  assert np.all(np.diff(innermost, axis=-1) == 1)  # consecutive devices: one host's
+  host = next(pipeline.make_train_iterator(config, GREYS))
+  batch = pipeline.to_global(host, sharding_lib.batch_sharding(mesh), config.batch_size)
+  for (d, f, _), device in np.ndenumerate(mesh.devices):  # shard d·fsdp + f of the batch, tensor-replicated
+    shard = next(s for s in batch["tokens"].addressable_shards if s.device == device)
+    np.testing.assert_array_equal(np.asarray(shard.data), host["tokens"][(2 * d + f) * 4:(2 * d + f + 1) * 4])
 
 
 # --- sources -------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ _spec.loader.exec_module(tpu)
 
 V4 = ["--name", "igpt-l", "--zone", "us-central2-b"]
 V5E = ["--name", "igpt-xl", "--zone", "us-west4-a", "--slices", "8"]
-TRAIN = ["--config", "configs/pod/igpt_l_v4_2048.py", "--workdir", "gs://bucket/igpt-l"]
+TRAIN = ["--config", "configs/pod.py:l,v4-2048", "--workdir", "gs://bucket/igpt-l"]
 ODD_VALUE = "folder:/data/my images/it's \"here\" $HOME;*"  # spaces, both quotes, a variable, a separator, a glob
 
 
@@ -125,7 +125,7 @@ def test_run_script_starts_train_detached_with_overrides_intact_and_stop_matches
     time.sleep(0.05)
   argv, jax_platforms, cwd, pid = json.loads(record.read_text())
   try:
-    assert argv == ["train", "--config", "configs/pod/igpt_l_v4_2048.py", "--workdir", "gs://bucket/igpt-l",
+    assert argv == ["train", "--config", "configs/pod.py:l,v4-2048", "--workdir", "gs://bucket/igpt-l",
                     "--config.model.remat=full", f"--config.dataset.name={ODD_VALUE}"]
     assert jax_platforms is None and cwd == str(home / "pixelgpt")
     assert (home / "pixelgpt.log").exists()

@@ -6,10 +6,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from pixelgpt import config as config_lib
 from pixelgpt import model as model_lib
 from pixelgpt import sharding as sharding_lib
 from tests.conftest import load_config
@@ -162,7 +162,7 @@ def test_blockwise_attention_sharded_equals_unsharded():
     return model_lib.token_nll(model_lib.Transformer(cfg).apply({"params": p}, t), t).mean()
 
   value, grads = jax.value_and_grad(loss)(params, tokens)
-  mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2, "dcn_data": 1}),
+  mesh = sharding_lib.make_mesh(config_lib.override(config_lib.base().mesh, {"data": 2, "fsdp": 2, "tensor": 2}),
                                 jax.devices()[:8])
   with sharding_lib.activate(mesh):
     # 4 images over data × fsdp = 4 and 4 heads over tensor = 2: each device holds 1 image × 2 heads.

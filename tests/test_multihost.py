@@ -1,13 +1,17 @@
 """Real multi-process JAX on localhost: 2 processes × 4 CPU devices train like 1 process × 8 devices, write one
-checkpoint together, and that checkpoint resumes in 1 process on 2 devices (resharded, data order kept)."""
+checkpoint together, and that checkpoint resumes in 1 process on 2 devices (resharded, data order kept); meshes
+whose tensor or fsdp axes span the processes train like one process and resume exactly after a kill."""
 
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 
-from tests.conftest import finish_job, run_pixelgpt, start_job
+from pixelgpt import checkpoint as ckpt_lib
+from pixelgpt import metrics as metrics_lib
+from tests.conftest import finish_job, kill_job, run_pixelgpt, start_job, wait_for
 
 ARGS = ["train", "--config", "configs/smoke.py", "--config.total_steps=10", "--config.log_every=1",
         "--config.eval_every=5", "--config.checkpoint_every=5", "--config.batch_size=16", "--config.model.n_layer=2",
@@ -44,3 +48,46 @@ def test_two_processes_train_like_one_and_resume_on_another_mesh(tmp_path):
   resumed = _losses(two)
   assert sorted(resumed) == list(range(1, 11))
   np.testing.assert_allclose([resumed[s] for s in range(6, 11)], [reference[s] for s in range(6, 11)], rtol=1e-4)
+
+
+# --- any mesh over two processes: each decodes the rows its devices hold ---------------------------------------------
+
+PLACEMENT_STEPS = ["--config.total_steps=24", "--config.checkpoint_every=8", "--config.eval_every=8",
+                   "--config.sample_every=0"]
+MESHES = {
+    # Every device holds every row: both processes decode the whole batch.
+    "tensor4_rows_on_both_processes": ["--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
+    # Tensor pairs inside a process, fsdp across the two: each process decodes its half.
+    "fsdp_across_processes": ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    # The transpose (fsdp innermost): tensor pairs span the processes, so each process holds (and decodes) both
+    # halves, and each row is decoded by both processes, as on v5e pods.
+    "tensor_across_processes": ["--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                                "--config.mesh.axis_order=data,tensor,fsdp"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+  """Losses of the run on 1 process × 4 devices (the default mesh, fsdp=4), every mesh's reference."""
+  workdir = str(tmp_path_factory.mktemp("placement") / "one")
+  run_pixelgpt(*_args(workdir, *PLACEMENT_STEPS), devices=4)
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_any_mesh_over_two_processes_trains_like_one_process_and_resumes_after_a_kill(tmp_path, mesh,
+                                                                                      one_process_losses):
+  workdir = str(tmp_path / "two")
+  args = _args(workdir, *PLACEMENT_STEPS, *MESHES[mesh])
+  procs = start_job(*args, processes=2, devices=2, logs=tmp_path)
+  # Killed once the first checkpoint is committed and a few steps after it are logged.
+  killed = wait_for(lambda: ckpt_lib.finished_steps(workdir) and len(metrics_lib.read_metrics(workdir)) >= 10,
+                    procs)
+  kill_job(procs)
+  assert killed, "the run ended before it could be killed"
+  out = finish_job(start_job(*args, processes=2, devices=2, logs=tmp_path))
+  assert "resuming from step 8" in out or "resuming from step 16" in out, out[-3000:]
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 25))
+  np.testing.assert_allclose([losses[s] for s in range(1, 25)], [one_process_losses[s] for s in range(1, 25)],
+                             rtol=1e-5)

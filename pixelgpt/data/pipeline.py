@@ -1,13 +1,15 @@
-"""Grain pipelines: images -> palette tokens in global batches, each process decoding only its own rows.
+"""Grain pipelines: images -> palette tokens in global batches, each process decoding only the rows its devices hold.
 
-One global order (a seeded shuffle, different every epoch) is cut into global batches of config.batch_size;
-process p decodes rows [p·B_host, (p+1)·B_host) of each, so the data a run sees does not depend on how many
-processes read it, and the iterator state (one index) resumes it exactly, also through orbax.
+One global order (a seeded shuffle, different every epoch) is cut into global batches of config.batch_size. A
+process decodes the rows of each that `sharding.local_rows` names (those its devices hold under the batch's
+sharding, on any mesh) and `to_global` hands each device its own, so the data a run sees does not depend on the
+mesh or on how many processes read it, and the iterator state (one index: global batches consumed) resumes it
+exactly, also through orbax and onto another mesh or process count.
 """
 
 from concurrent import futures
 import functools
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from absl import flags
 import grain
@@ -16,19 +18,13 @@ import numpy as np
 from PIL import Image
 
 from pixelgpt import palette as palette_lib
+from pixelgpt import sharding as sharding_lib
 from pixelgpt.data import sources
-from pixelgpt.errors import UserError
 
 MIN_FIT_IMAGES = 300  # palette pixels come from at least this many images, so no few images dominate the colours
 # Elements are whole host batches: a couple in flight overlap decoding with the train step without hoarding memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _READ_THREADS = 16  # for sample_pixels' one-off random reads (a bucket's latency, not CPU, is the limit there)
-
-
-def host_batch_size(batch_size: int, process_count: int) -> int:
-  if batch_size % process_count:
-    raise UserError(f"config.batch_size ({batch_size}) must be divisible by the number of processes ({process_count})")
-  return batch_size // process_count
 
 
 def resize(image: np.ndarray, resolution: int, channels: int) -> np.ndarray:
@@ -65,8 +61,8 @@ def _encoder(config, centers) -> dict:
               channels=config.dataset.channels)
 
 
-def make_train_iterator(config, palette, *, process_index: int = 0, process_count: int = 1):
-  """Infinite iterator of this process's rows of each global batch: {"tokens": [B_host, T], "label": [B_host]}.
+def make_train_iterator(config, palette, *, rows: Sequence[int] | None = None):
+  """Infinite iterator of `rows` (default: all) of each global batch: {"tokens": [R, T], "label": [R]}.
 
   A grain DatasetIterator: get_state()/set_state(), and saved by orbax through grain.checkpoint.CheckpointHandler.
   """
@@ -76,21 +72,22 @@ def make_train_iterator(config, palette, *, process_index: int = 0, process_coun
     ds = ds.random_map(functools.partial(_encode_maybe_flipped, **_encoder(config, palette)))
   else:
     ds = ds.map(functools.partial(encode, **_encoder(config, palette)))
-  return _host_batches(ds, config, process_index, process_count)
+  return _host_batches(ds, config, rows)
 
 
-def make_eval_batches(config, palette, *, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def make_eval_batches(config, palette, *, rows: Sequence[int] | None = None) -> Iterator[dict]:
   """One pass over the eval split in order, every process yielding the same number of batches.
 
-  Yields {"tokens": [B_host, T], "label": [B_host], "mask": float32 [B_host]}; the last global batch is padded
-  with mask-0 rows, so sum(mask) over all processes and batches is the number of eval examples.
+  Yields `rows` (default: all) of each global batch, {"tokens": [R, T], "label": [R], "mask": float32 [R]}; the
+  last global batch is padded with mask-0 rows, so sum(mask) over the distinct rows of all batches is the number
+  of eval examples.
   """
   source = sources.get_source(config.dataset, config.dataset.eval_split)
   n = len(source) if config.dataset.eval_examples == 0 else min(config.dataset.eval_examples, len(source))
   padded = -(-n // config.batch_size) * config.batch_size
   ds = grain.MapDataset.range(padded).map(
       functools.partial(_eval_example, source=source, n=n, **_encoder(config, palette)))
-  return _host_batches(ds, config, process_index, process_count)
+  return _host_batches(ds, config, rows)
 
 
 def _eval_example(position: int, *, source, n: int, **encoder):
@@ -100,15 +97,37 @@ def _eval_example(position: int, *, source, n: int, **encoder):
   return {"tokens": np.zeros((t,), np.int32), "label": np.int32(0), "mask": np.float32(0.0)}
 
 
-def _host_batches(ds: grain.MapDataset, config, process_index: int, process_count: int):
-  """Cuts a per-example dataset in global order into this process's host batches, still lazily decoded.
+class _RowsOfBatches(grain.MapDataset):
+  """Element j is row rows[j mod R] of global batch j div R, where global batch k is the parent's elements
+  [k·batch_size, (k+1)·batch_size): only those rows are ever read (and decoded) from the parent."""
 
-  Batch k of B_host consecutive examples is rows [(k mod P)·B_host, ...) of global batch k div P, so striding
-  by the process count picks this process's rows of every global batch and nothing else is ever decoded.
-  """
-  assert 0 <= process_index < process_count, (process_index, process_count)
-  b = host_batch_size(config.batch_size, process_count)
-  ds = ds.batch(b, drop_remainder=True)[process_index::process_count].to_iter_dataset(_READ_OPTIONS)
+  def __init__(self, parent: grain.MapDataset, batch_size: int, rows: Sequence[int]):
+    super().__init__(parent)
+    self._batch_size, self._rows = batch_size, tuple(int(r) for r in rows)
+    assert self._rows and all(0 <= r < batch_size for r in self._rows), (batch_size, rows)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size * len(self._rows)
+
+  def _parent_index(self, j: int) -> int:
+    batch, i = divmod(j, len(self._rows))
+    return batch * self._batch_size + self._rows[i]
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      raise TypeError("rows of global batches are read in order, not sliced")
+    return self._parent[self._parent_index(j)]
+
+  def _getitems(self, indices: Sequence[int]):
+    return self._parent._getitems([self._parent_index(j) for j in indices])  # pylint: disable=protected-access
+
+
+def _host_batches(ds: grain.MapDataset, config, rows: Sequence[int] | None):
+  """Cuts a per-example dataset in global order into host batches of `rows` of each global batch, still lazily
+  decoded: host batch k is global batch k's rows, so the iterator's state counts global batches."""
+  rows = range(config.batch_size) if rows is None else rows
+  ds = _RowsOfBatches(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
+  ds = ds.to_iter_dataset(_READ_OPTIONS)
   if config.dataset.worker_count > 0:
     # grain reads its absl flags when starting workers; outside an absl app (tests, notebooks) use defaults.
     if not flags.FLAGS.is_parsed():
@@ -135,15 +154,24 @@ def sample_pixels(config, n_pixels: int, seed: int) -> np.ndarray:
   return palette_lib.to_unit(pixels[keep])
 
 
-def to_global(host_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Host batches of all processes -> global arrays sharded over the batch dimension.
+def to_global(host_batch: dict[str, np.ndarray], sharding, batch_size: int) -> dict[str, jax.Array]:
+  """This process's rows of a global batch of `batch_size` -> global arrays, each device given its own rows.
 
-  `sharding` is one NamedSharding, whose leading spec entries serve arrays of lower rank (label, mask), or a
-  dict of them by key.
+  `host_batch` holds the rows `sharding.local_rows` names, in that order (what the pipelines above yield for
+  them). `sharding` is one NamedSharding, whose leading spec entries serve arrays of lower rank (label, mask), or
+  a dict of them by key.
   """
   def put(key, x):
     x = np.asarray(x)
     named = sharding[key] if isinstance(sharding, Mapping) else sharding
-    spec = jax.sharding.PartitionSpec(*tuple(named.spec)[:x.ndim])
-    return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(named.mesh, spec), x)
+    named = jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*tuple(named.spec)[:x.ndim]))
+    rows = sharding_lib.local_rows(named, batch_size)
+    assert len(rows) == len(x), f"{key}: {len(x)} host rows, but this process's devices hold {len(rows)}"
+
+    def shard(index):
+      # A device holds consecutive rows, all among this process's (sorted) rows: one slice of the host batch.
+      held = range(batch_size)[index[0]]
+      start = int(np.searchsorted(rows, held.start))
+      return x[(slice(start, start + len(held)), *index[1:])]
+    return jax.make_array_from_callback((batch_size, *x.shape[1:]), named, shard)
   return {key: put(key, value) for key, value in host_batch.items()}

@@ -14,10 +14,11 @@ from tests.conftest import run_pixelgpt
     (["--config.batch_size=abc"], "batch_size"),
     (["--config.mesh.fsdp=3"], "does not match"),
     (["--config.batch_size=30", "--config.mesh.fsdp=4"], "not divisible"),
+    (["--config.mesh.axis_order=data,fsdp"], "config.mesh.axis_order='data,fsdp' must name each of"),
     (["--config.dataset.name=mnist_typo"], "mnist_typo"),
     (["--config.dataset.name=fashion_mnist", "--config.dataset.data_dir=/nonexistent"], "/nonexistent"),
 ], ids=["unknown-key", "unknown-key-in-group", "unknown-group", "group-not-key", "negative-batch", "wrong-type",
-        "mesh", "batch-divisibility", "dataset", "data-dir"])
+        "mesh", "batch-divisibility", "axis-order", "dataset", "data-dir"])
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, flags, message):
   proc = run_pixelgpt("train", "--config", "configs/smoke.py", "--workdir", tmp_path / "w", *flags, devices=4,
                       check=False)
@@ -31,7 +32,9 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, flags, message):
     ("configs/no_such_config.py", "config file configs/no_such_config.py not found"),
     ("configs/no_such_config.py:xl", "config file configs/no_such_config.py not found"),
     ("configs/smoke.py:xl", "get_config() takes 0 positional arguments but 1 was given"),
-], ids=["missing-file", "missing-file-with-argument", "argument-not-taken"])
+    ("configs/pod.py:xxl,v4-2048", "configs/pod.py takes MODEL,TOPOLOGY with MODEL one of l, l48, xl"),
+    ("configs/pod.py:xl,v9-2048", "unknown TPU topology 'v9-2048'"),
+], ids=["missing-file", "missing-file-with-argument", "argument-not-taken", "pod-model", "pod-topology"])
 def test_a_config_file_that_does_not_load_is_one_line_and_exit_2(tmp_path, config, message):
   proc = run_pixelgpt("train", "--config", config, "--workdir", tmp_path / "w", check=False)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
