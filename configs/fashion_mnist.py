@@ -7,7 +7,9 @@ raw pixels under the paper's linear probe.
 
 Reads /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`) or --config.dataset.data_dir.
 
-How it was chosen (2-core AMD EPYC, probe = best layer of the linear probe on 10,000 test images):
+How it was chosen (2-core AMD EPYC, probe = best layer of the linear probe on 10,000 test images — a selection on
+the test set, which inflates what it then reports; README's Results re-measure the recipe with the layer and L2
+chosen on validation images carved from train, test read once: 82.17% vs 79.66% for the palette pixels):
 - Raw-pixel baselines of the same probe on all 60,000 training images, by resolution: 8×8 80.2%, 12×12 83.3%,
   14×14 83.3%, 16×16 83.6%. At 16×16 an image costs 4× the tokens of 8×8 for 3.4 points more to beat, so 8×8.
 - Sizes (configs/sweeps/cpu_tiny.py, 400 steps of 32 images at 8×8): 1×8 to 4×128 rose from 60.7% to 77.4%
@@ -40,4 +42,7 @@ def get_config():
   c.model.n_head = 4
   c.optim.lr = 2.5e-3
   c.optim.warmup_steps = 100
+  # Few-shot accuracy of three layers every 200 steps: representation quality as a curve over training.
+  c.fewshot.layers = (2, 3, -1)
+  c.fewshot.every = 200
   return c

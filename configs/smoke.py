@@ -28,4 +28,5 @@ def get_config():
   c.model.n_head = 4
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 30
+  c.fewshot.layers = (1, -1)  # digits' k-shot accuracy at eval steps: the middle and the final layer
   return c

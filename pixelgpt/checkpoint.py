@@ -68,7 +68,8 @@ class Checkpointer:
     self.directory = self.workdir / "checkpoints"
     if not read_only:
       _remove_unfinished(self.directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+    # A reader neither creates, cleans nor saves (orbax's own read_only mode would also say so in 3 warnings).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, cleanup_tmp_directories=False,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,

@@ -21,14 +21,16 @@ commands:
   eval      --workdir W                          held-out NLL in nats/token and bits/token
   sample    --workdir W [--out F.png --num 16 --temperature 1 --top_k 0 --seed 0] [--complete --keep_rows R]
   score     --workdir W --tokens IN.npy --out OUT.npz   logits [N,T,K] and nll [N] of given tokens
-  probe     --workdir W                          linear probe of every layer -> W/probe.json, W/probe.png
+  probe     --workdir W [--layers 1,2 --val_fraction 0.1 --feature_memory_gib 4]   linear probe per layer, layer
+                                                 and L2 chosen on validation -> W/probe.json, W/probe.png
   finetune  --workdir W --out W2 [--steps 500]   fine-tune with L_gen + L_clf, report test accuracy
   compile   --config configs/X.py --topology v3-2048 [--num_slices N] [--json]   AOT compile for a TPU pod
   sweep     --sweep configs/sweeps/X.py --root R [--workdir_root W] [--launcher local|tpu] [--dry_run] [--probe]
                                                  scaling sweep -> R/results.csv, power-law fits, plots
   convert   --from_hf DIR_OR_HUB_ID --workdir W [--config.a.b=v] | --to_hf DIR --workdir W   Hugging Face ImageGPT
 
-every command also takes --cpu_devices N (N virtual CPU devices) and, for multi-process jobs off Cloud TPU,
+eval, probe, finetune and sample also take --config.dataset.*=v (other data than the workdir's) and
+--config.batch_size=N. every command also takes --cpu_devices N (N virtual CPU devices) and, for multi-process jobs off Cloud TPU,
 --coordinator_address H:P --num_processes N --process_id I.
 """
 
@@ -75,6 +77,31 @@ def define_config_flag(fv):
   """--config FILE with --config.a.b=v overrides, shared by the commands that take a config."""
   config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py); override keys with --config.a.b=v.",
                                   flag_values=fv, lock_config=True)
+
+
+def define_workdir_flag(fv):
+  flags.DEFINE_string("workdir", None, "A trained (or converted) pixelgpt workdir.", flag_values=fv)
+
+
+def define_read_flags(fv):
+  """--workdir of a trained run, and --config.dataset.*=v (other data to read, e.g. probe a model pretrained on
+  another dataset) or --config.batch_size=N on top of the workdir's own config."""
+  from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
+  define_workdir_flag(fv)
+  config_flags.DEFINE_config_dict(
+      "config", config_lib.base(), "--config.dataset.*=v reads other data than the workdir's (its resolution and "
+      "channels must be the model's); --config.batch_size=N another batch.", flag_values=fv, lock_config=True)
+
+
+def config_overrides(fv) -> dict:
+  """{'dataset.name': ...}: the --config.* keys given on the command line, not the defaults behind them."""
+  return config_flags.get_override_values(fv["config"])
+
+
+def open_workdir(fv):
+  """The workdir of `define_read_flags` with its --config.* overrides applied (workdir.open_run)."""
+  from pixelgpt import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.open_run(fv.workdir, overrides=config_overrides(fv))
 
 
 def _check_config_file(fv):

@@ -68,6 +68,14 @@ def base() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0  # global norm; 0 disables
   c.optim.skip_nonfinite = False  # skip updates with a non-finite loss or gradient instead of stopping
 
+  # Few-shot linear evaluation at eval steps (fewshot.py): off while `layers` is empty.
+  c.fewshot = ml_collections.ConfigDict()
+  c.fewshot.layers = ()  # e.g. (1, -1): layer l is the mean of ln_1(h_l), n_layer (or -1) the final ln_f
+  c.fewshot.shots = (1, 5, 10, 25)  # labelled training images per class
+  c.fewshot.eval_examples = 1000  # scored on the first images of the eval split
+  c.fewshot.l2 = 1.0  # ridge strength on RMS-scaled features
+  c.fewshot.every = 0  # steps between evaluations (a multiple of log_every); 0: at the eval steps
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1  # -1: all devices not used by the other axes
@@ -121,6 +129,17 @@ def validate(config) -> None:
     _check(0.0 <= get(config, key) < 1.0, f"config.{key} must be in [0, 1), got {get(config, key)!r}")
   _check(config.optim.grad_clip >= 0, f"config.optim.grad_clip must be >= 0, got {config.optim.grad_clip!r}")
   _check(config.optim.weight_decay >= 0, f"config.optim.weight_decay must be >= 0, got {config.optim.weight_decay!r}")
+  f = config.fewshot
+  n = config.model.n_layer
+  _check(all(isinstance(l, int) and -(n + 1) <= l <= n for l in f.layers),
+         f"config.fewshot.layers must be layers between 0 and model.n_layer={n} (negative: from the end, -1 the "
+         f"final ln_f), got {f.layers!r}")
+  _check(len(f.shots) > 0 and all(isinstance(k, int) and k > 0 for k in f.shots),
+         f"config.fewshot.shots must be positive integers, got {f.shots!r}")
+  _check(f.every >= 0 and f.every % config.log_every == 0,
+         f"config.fewshot.every must be a multiple of log_every={config.log_every} (or 0), got {f.every!r}")
+  _check(f.eval_examples > 0 and f.l2 > 0,
+         f"config.fewshot.eval_examples and l2 must be > 0, got {f.eval_examples!r} and {f.l2!r}")
   axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
   _check(all(isinstance(a, int) and (a > 0 or a == -1) for a in axes),
          f"config.mesh axes must be positive or -1, got data={axes[0]} fsdp={axes[1]} tensor={axes[2]}")

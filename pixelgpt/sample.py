@@ -97,7 +97,8 @@ def save_grid(images: np.ndarray, path, *, columns: int, min_size: int = 256) ->
 # ----------------------------------------------------------------------------------------------------------------
 def sample_flags(fv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A trained (or converted) pixelgpt workdir.", flag_values=fv)
+  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
+  cli.define_read_flags(fv)  # --config.dataset.* picks the held-out images that --complete completes
   flags.DEFINE_string("out", None, "PNG grid to write (default W/samples/sample_<step>.png).", flag_values=fv)
   flags.DEFINE_integer("num", 16, "Images to sample (with --complete: held-out images to complete).",
                        flag_values=fv)
@@ -112,12 +113,12 @@ def sample_flags(fv):
 
 def sample_main(fv):
   import time  # pylint: disable=g-import-not-at-top
-  from pixelgpt import cli, sharding as sharding_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pixelgpt import cli, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
   from pixelgpt.data import pipeline  # pylint: disable=g-import-not-at-top
   from pixelgpt.errors import UserError  # pylint: disable=g-import-not-at-top
   cli.require(fv, "workdir")
-  run = workdir_lib.open_run(fv.workdir)
+  run = cli.open_workdir(fv)
   config, res = run.config, run.config.dataset.resolution
   if not run.setup.model.cfg.causal:
     raise UserError("sampling needs a model trained with model.objective='ar'")

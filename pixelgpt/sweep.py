@@ -193,7 +193,7 @@ def result_row(run: Run, status: dict) -> dict:
           "params_non_embedding": non_embedding, "params_total": total, "tokens": tokens,
           "train_flops": metrics_lib.flops_per_token(model_lib.ModelConfig.from_config(run.config)) * tokens,
           "train_loss": final.get("train/loss", last.get("train/loss")), "eval_loss": final.get("eval/loss"),
-          "probe_accuracy": probe.get("best_accuracy"), "wall_s": status["wall_s"], "workdir": run.workdir}
+          "probe_accuracy": probe.get("test_accuracy"), "wall_s": status["wall_s"], "workdir": run.workdir}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -237,6 +237,14 @@ def evaluate(config, s: Setup, params, palette, mesh) -> float:
   return total / max(count, 1.0)
 
 
+def _fewshot(evaluator, config, s: Setup, params, palette, mesh, step: int) -> dict:
+  """The few-shot metrics at this step, and the seconds they took (perf/fewshot_s: their share of the run)."""
+  from pixelgpt import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  (workdir imports train)
+  start = time.perf_counter()
+  metrics = evaluator(workdir_lib.Run(config=config, palette=palette, params=params, setup=s, mesh=mesh, step=step))
+  return {**metrics, "perf/fewshot_s": time.perf_counter() - start}
+
+
 def write_samples(config, s: Setup, params, palette, workdir, step: int, num: int = 16):
   if not s.model.cfg.causal:
     return None  # the bert objective does not define left-to-right samples
@@ -288,6 +296,11 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
   else:
     start = latest
 
+  fewshot_eval = None
+  if config.fewshot.layers:
+    from pixelgpt import fewshot  # pylint: disable=g-import-not-at-top  (it reads features through evaluate.py)
+    fewshot_eval = fewshot.Evaluator(config)
+
   peak = metrics_lib.peak_flops_per_device()  # measured on a CPU: outside the mesh context, on one device
   with sharding_lib.activate(mesh):
     model_cfg = s.model.cfg
@@ -336,8 +349,12 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
           if config.optim.skip_nonfinite:
             last["train/skipped_steps"] = skipped
           interval = []
-          if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
+          evaluating = (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
+          if evaluating:
             last["eval/loss"] = evaluate(config, s, state.params, palette, mesh)
+          if fewshot_eval and (evaluating if not config.fewshot.every else step % config.fewshot.every == 0
+                               or step == config.total_steps):
+            last.update(_fewshot(fewshot_eval, config, s, state.params, palette, mesh, step))
           writer.write(step, last)
           interval_start = time.perf_counter()
         if saving:

@@ -33,15 +33,29 @@ def inference_mesh(config, devices=None):
   return sharding_lib.make_mesh(config_lib.base().mesh, devices)  # the default mesh: pure fsdp, one slice
 
 
-def read_config(workdir) -> ml_collections.ConfigDict:
+def read_config(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The workdir's config.json, with `overrides` ({'dataset.name': ..}) of what a reader may change: the data it
+  reads (dataset.*; the resolution and channels stay the model's) and batch_size. Else one UserError line."""
   path = storage.usable(workdir, what="--workdir") / "config.json"
   if not path.exists():
     raise UserError(f"{workdir} is not a pixelgpt workdir (no config.json): train or convert into it first")
-  return config_lib.from_json(path.read_text())
+  config = config_lib.from_json(path.read_text())
+  for key, value in (overrides or {}).items():
+    if not (key.startswith("dataset.") or key == "batch_size"):
+      raise UserError(f"--config.{key} cannot change when a trained workdir is read: only dataset.* (the data to "
+                      "read) and batch_size can")
+    if key in ("dataset.resolution", "dataset.channels") and value != config_lib.get(config, key):
+      raise UserError(f"--config.{key}={value} does not match the model, trained at {config.dataset.resolution}×"
+                      f"{config.dataset.resolution} with {config.dataset.channels} channel(s): images are resized "
+                      "and converted to the model's shape, leave these unset")
+  if overrides:
+    config = config_lib.override(config, overrides)
+    config_lib.validate(config)
+  return config
 
 
-def open_run(workdir, *, step: int | None = None, devices=None) -> Run:
-  config = read_config(workdir)
+def open_run(workdir, *, step: int | None = None, devices=None, overrides: dict | None = None) -> Run:
+  config = read_config(workdir, overrides)
   palette = palette_lib.load(storage.path(workdir) / "palette.npy", expect_k=config.palette.size,
                              expect_c=config.dataset.channels)
   mesh = inference_mesh(config, devices)

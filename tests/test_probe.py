@@ -69,18 +69,19 @@ def test_deterministic():
           == probe.probe_accuracy(train_x, train_y, test_x, test_y, l2_grid=GRID, seed=7))
 
 
-def test_layers_baseline_and_plot(tmp_path):
-  x, y = _features(NUM_TRAIN + NUM_TEST, DIM, NUM_CLASSES, separation=3.0, seed=5)
-  noise = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
-  train_feats, train_y, test_feats, test_y = _split(np.stack([noise, x]).swapaxes(0, 1), y, NUM_TRAIN)
-  results = probe.probe_layers(train_feats.swapaxes(0, 1), train_y, test_feats.swapaxes(0, 1), test_y, l2_grid=GRID)
-  assert [r["layer"] for r in results] == [0, 1]
-  assert results[0]["accuracy"] < 0.6 < 0.95 < results[1]["accuracy"]  # pure noise vs class-separated layer
+def test_rows_weighted_zero_are_left_out_whatever_the_layout_and_the_plot_is_written(tmp_path):
+  x, y = _features(NUM_TRAIN + NUM_TEST, DIM, NUM_CLASSES, separation=0.5, seed=5)
+  keep = np.random.default_rng(6).random(len(x)) < 0.6
+  alone = probe.fit_logistic(x[keep], y[keep], l2=1e-2, num_classes=NUM_CLASSES)
+  # As evaluate.py streams features: [batches, batch, D], padding and held-out rows weighted 0.
+  weighted = probe.fit_logistic(x.reshape(8, -1, DIM), y.reshape(8, -1), l2=1e-2, num_classes=NUM_CLASSES,
+                                weights=keep.reshape(8, -1))
+  for a, b in zip(weighted, alone):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert probe.accuracy(*alone, x.reshape(8, -1, DIM), y.reshape(8, -1), keep.reshape(8, -1)) == \
+      probe.accuracy(*alone, x[keep], y[keep])
 
-  images = x.reshape(-1, 4, 4, 1)  # the same values as pixels [N, H, W, C]: the baseline flattens them back
-  baseline = probe.raw_pixel_baseline(images[:NUM_TRAIN], train_y, images[NUM_TRAIN:], test_y, l2_grid=GRID)
-  assert baseline == probe.probe_accuracy(x[:NUM_TRAIN], train_y, x[NUM_TRAIN:], test_y, l2_grid=GRID)
-
+  layers = [{"layer": 0, "val_accuracy": 0.4}, {"layer": 1, "val_accuracy": 0.9}]
   path = tmp_path / "probe.png"
-  probe.plot_accuracy_by_layer(results, baseline["accuracy"], str(path), title="synthetic")
+  probe.plot_accuracy_by_layer(layers, 0.8, {"layer": 1, "test_accuracy": 0.88}, str(path), title="synthetic")
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000

@@ -95,7 +95,7 @@ def test_local_sweep_resumes_an_interrupted_run_writes_results_and_plots_and_a_r
   assert "| " + runs[2].name in (root / "results.md").read_text()
 
   # A probe result in a workdir is collected; the rerun trains nothing and leaves every workdir as it was.
-  (root / "runs" / runs[0].name / "probe.json").write_text(json.dumps({"best_accuracy": 0.5}))
+  (root / "runs" / runs[0].name / "probe.json").write_text(json.dumps({"test_accuracy": 0.5}))
   before = _workdir_states(runs)
   code, out, _ = _sweep(capsys, "--sweep", path, "--root", str(root))
   assert code == 0

@@ -75,24 +75,32 @@ def make_train_iterator(config, palette, *, rows: Sequence[int] | None = None):
   return _host_batches(ds, config, rows)
 
 
-def make_eval_batches(config, palette, *, rows: Sequence[int] | None = None) -> Iterator[dict]:
-  """One pass over the eval split in order, every process yielding the same number of batches.
+def make_eval_batches(config, palette, *, rows: Sequence[int] | None = None,
+                      indices: Sequence[int] | None = None) -> Iterator[dict]:
+  """One pass over the eval split in order (or over its records `indices`), every process yielding the same
+  number of batches.
 
   Yields `rows` (default: all) of each global batch, {"tokens": [R, T], "label": [R], "mask": float32 [R]}; the
   last global batch is padded with mask-0 rows, so sum(mask) over the distinct rows of all batches is the number
   of eval examples.
   """
   source = sources.get_source(config.dataset, config.dataset.eval_split)
-  n = len(source) if config.dataset.eval_examples == 0 else min(config.dataset.eval_examples, len(source))
-  padded = -(-n // config.batch_size) * config.batch_size
+  indices = range(eval_size(config, source)) if indices is None else [int(i) for i in indices]
+  padded = -(-len(indices) // config.batch_size) * config.batch_size
   ds = grain.MapDataset.range(padded).map(
-      functools.partial(_eval_example, source=source, n=n, **_encoder(config, palette)))
+      functools.partial(_eval_example, source=source, indices=indices, **_encoder(config, palette)))
   return _host_batches(ds, config, rows)
 
 
-def _eval_example(position: int, *, source, n: int, **encoder):
-  if position < n:
-    return {**encode(source[position], **encoder), "mask": np.float32(1.0)}
+def eval_size(config, source=None) -> int:
+  """How many examples the eval pass reads: dataset.eval_examples of the eval split (0: all of it)."""
+  source = source if source is not None else sources.get_source(config.dataset, config.dataset.eval_split)
+  return len(source) if config.dataset.eval_examples == 0 else min(config.dataset.eval_examples, len(source))
+
+
+def _eval_example(position: int, *, source, indices: Sequence[int], **encoder):
+  if position < len(indices):
+    return {**encode(source[indices[position]], **encoder), "mask": np.float32(1.0)}
   t = encoder["resolution"] ** 2
   return {"tokens": np.zeros((t,), np.int32), "label": np.int32(0), "mask": np.float32(0.0)}
 

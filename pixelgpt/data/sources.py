@@ -72,6 +72,9 @@ class ArraySource:
     images, labels = self._get()
     return _record(images[index], labels[index])
 
+  def label(self, index: int) -> int:
+    return int(self._get()[1][index])
+
   def __getstate__(self):
     # Workers reload the arrays themselves instead of receiving tens of megabytes through a pipe.
     return {"_load": self._load, "_arrays": None}
@@ -156,6 +159,9 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self._paths)
 
+  def label(self, index: int) -> int:
+    return self._labels[index]  # from the class folder: no image is opened
+
   def __getitem__(self, index: int):
     for offset in range(len(self._paths)):
       i = (index + offset) % len(self._paths)
@@ -229,6 +235,9 @@ class TfdsSource:
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def label(self, index: int) -> int:
+    return int(self[index]["label"])
 
   def __getitem__(self, index: int):
     example = self._source[index]
