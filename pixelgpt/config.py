@@ -187,7 +187,13 @@ def to_json(config) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
+  """A stored config; keys added to pixelgpt after it was written (e.g. a new group) take their defaults."""
+  def merge(defaults: dict, stored: dict) -> dict:
+    for key, value in stored.items():
+      defaults[key] = merge(defaults[key], value) if isinstance(value, dict) and isinstance(
+          defaults.get(key), dict) else value
+    return defaults
+  return ml_collections.ConfigDict(merge(base().to_dict(), json.loads(text)))
 
 
 # The paper's model family (Chen et al. 2020, Table/Appendix): layers, width, heads, resolution, batch, lr.

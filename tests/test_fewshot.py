@@ -1,6 +1,8 @@
 """The few-shot evaluator: the closed-form ridge classifier against numpy, balanced nested shot sets, and the
 metrics a training run writes at its eval steps."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,12 @@ def test_shot_sets_are_balanced_nested_and_seeded():
 def test_metric_names():
   name = fewshot.metric_name("tfds:imagenet_resized/32x32", 10, 24)
   assert name == "fewshot/tfds_imagenet_resized_32x32_10shot_layer24"
+
+
+def test_a_config_written_before_the_fewshot_group_existed_reads_with_its_defaults():
+  from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
+  stored = load_config("smoke").to_dict()
+  del stored["fewshot"], stored["mesh"]["axis_order"]
+  config = config_lib.from_json(json.dumps(stored))
+  assert tuple(config.fewshot.layers) == () and config.mesh.axis_order == "data,fsdp,tensor"
+  assert config.model.n_layer == stored["model"]["n_layer"]  # what was stored wins
