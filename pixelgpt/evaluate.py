@@ -197,12 +197,11 @@ def _feature_rms(x, mask):
   return jnp.sqrt(jnp.sum(mask[..., None] * x * x) / (jnp.sum(mask) * x.shape[-1]))
 
 
-def layers_per_pass(run, config, num_layers: int, memory_gib: float) -> int:
-  """How many layers' features of one split fit `memory_gib` per device: each pass over the data holds
-  G × N × d float32 spread over the data-parallel devices (and replicated over tensor)."""
+def layers_per_pass(run, num_examples: int, batch_size: int, num_layers: int, memory_gib: float) -> int:
+  """How many layers' features of `num_examples` fit `memory_gib` per device: each pass over the data holds
+  G × N × d float32 (N padded to whole batches) spread over the data-parallel devices (replicated over tensor)."""
   shards = math.prod(run.mesh.shape[a] for a in sharding_lib.BATCH_AXES)
-  per_layer = -(-pipeline.eval_size(config) // config.batch_size) * config.batch_size // shards
-  per_layer *= run.setup.model.cfg.d_model * 4
+  per_layer = -(-num_examples // batch_size) * batch_size // shards * run.setup.model.cfg.d_model * 4
   return max(1, min(num_layers, int(memory_gib * 2 ** 30 // per_layer)))
 
 
@@ -261,15 +260,18 @@ def linear_probe(run, workdir, *, train_examples: int = 0, test_examples: int = 
     raise UserError(f"--val_fraction must be in (0, 1), got {val_fraction}")
   train_config = _split_config(run.config, d.train_split, train_examples)
   test_config = _split_config(run.config, d.eval_split, test_examples)
-  n_train = pipeline.eval_size(train_config)
+  # Counted once: each count opens the split (a whole folder listing, or an array file read).
+  train_indices = range(pipeline.eval_size(train_config))
+  n_train = len(train_indices)
   held = probe_lib.validation_carve(n_train, val_fraction, run.config.seed)
-  per_pass = layers_per_pass(run, train_config, len(layers), feature_memory_gib)
+  per_pass = layers_per_pass(run, n_train, train_config.batch_size, len(layers), feature_memory_gib)
 
   rows, pixels, num_classes = [], None, None
   with sharding_lib.activate(run.mesh):
     for start in range(0, len(layers), per_pass):
       group = layers[start:start + per_pass]
-      data = feature_pass(run, train_config, group, pixels=pixels is None, desc=f"train features {group}")
+      data = feature_pass(run, train_config, group, pixels=pixels is None, desc=f"train features {group}",
+                          indices=train_indices)
       if num_classes is None:
         num_classes = 1 + int(jnp.max(data["label"]).addressable_data(0))
         carve = np.zeros(data["mask"].shape, bool)

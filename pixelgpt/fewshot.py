@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelgpt import config as config_lib
+from pixelgpt.data import pipeline
 from pixelgpt.data import sources
 
 SCAN_LIMIT = 20_000  # training records read (labels only matter) to find k per class
@@ -84,17 +85,19 @@ class Evaluator:
     self.shot_config = config_lib.override(config, {"dataset.eval_split": config.dataset.train_split})
     self.indices = indices
     self.test_config = config_lib.override(config, {"dataset.eval_examples": f.eval_examples})
+    self.test_indices = range(pipeline.eval_size(self.test_config))  # counted once, not at every evaluation
 
   def __call__(self, run) -> dict[str, float]:
     from pixelgpt import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports train, which calls this)
+    metrics = {}
+    if not self.shots:  # the data could fill none of the shot counts: no pass over it
+      return metrics
     shots = evaluate.feature_pass(run, self.shot_config, self.layers, indices=self.indices, desc="few-shot")
-    test = evaluate.feature_pass(run, self.test_config, self.layers, desc="few-shot test")
+    test = evaluate.feature_pass(run, self.test_config, self.layers, indices=self.test_indices,
+                                 desc="few-shot test")
     # Row r of the shot pass is the (r div classes)-th image of its class: the first k·classes rows are k-shot.
     position = np.arange(shots["mask"].size).reshape(shots["mask"].shape)
     rank = jax.device_put(position, shots["mask"].sharding)
-    metrics = {}
-    if not self.shots:
-      return metrics
     for k in self.shots:
       weights = shots["mask"] * (rank < k * self.num_classes)
       for g, layer in enumerate(self.layers):

@@ -138,7 +138,7 @@ def test_streamed_features_are_those_of_one_forward_pass_and_passes_change_nothi
   # One layer per pass over the data (a tiny memory budget) gives the probe of all layers at once.
   kwargs = dict(train_examples=300, test_examples=100)
   one_pass = evaluate.linear_probe(run, str(tmp_path), **kwargs)
-  assert evaluate.layers_per_pass(run, evaluate._split_config(run.config, "train", 300), 3, 2e-6) == 1
+  assert evaluate.layers_per_pass(run, 300, run.config.batch_size, 3, 2e-6) == 1
   per_layer = evaluate.linear_probe(run, str(tmp_path), feature_memory_gib=2e-6, **kwargs)
   assert per_layer == one_pass
 
