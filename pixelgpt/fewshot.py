@@ -1,6 +1,7 @@
 """Few-shot linear evaluation during training (big_vision's few-shot evaluator, for pixels): at eval steps, a
 closed-form regularised least-squares classifier from the features of k labelled training images per class to ±1
-one-hot targets, scored on held-out images, for k in config.fewshot.shots and each layer in config.fewshot.layers.
+one-hot targets, scored on held-out images, for k in config.fewshot.shots and each layer in config.fewshot.layers,
+beside the same classifier on the raw pixels (the palette colours the model reads) as the baseline to beat.
 
 Representation quality then shows as a curve over training (metrics `fewshot/<dataset>_<k>shot_layer<l>`), not
 only in the final probe. The images are fixed for the run: the first k of each class in a seeded order of the
@@ -16,14 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelgpt import config as config_lib
+from pixelgpt import storage
 from pixelgpt.data import pipeline
 from pixelgpt.data import sources
 
 SCAN_LIMIT = 20_000  # training records read (labels only matter) to find k per class
 
 
-def metric_name(dataset: str, shots: int, layer: int) -> str:
-  return f"fewshot/{re.sub(r'[^0-9A-Za-z]+', '_', dataset).strip('_')}_{shots}shot_layer{layer}"
+PIXELS = "pixels"  # the `layer` of the raw-pixel baseline's metrics
+
+
+def metric_name(dataset: str, shots: int, layer: int | str) -> str:
+  """fewshot/<dataset>_<k>shot_layer<l>, or fewshot/<dataset>_<k>shot_pixels for the raw-pixel baseline."""
+  where = PIXELS if layer == PIXELS else f"layer{layer}"
+  return f"fewshot/{re.sub(r'[^0-9A-Za-z]+', '_', dataset).strip('_')}_{shots}shot_{where}"
 
 
 def choose_shots(config, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,22 +93,62 @@ class Evaluator:
     self.indices = indices
     self.test_config = config_lib.override(config, {"dataset.eval_examples": f.eval_examples})
     self.test_indices = range(pipeline.eval_size(self.test_config))  # counted once, not at every evaluation
+    self._pixels = None  # the raw-pixel baseline: the same at every step, so computed at the first call only
 
   def __call__(self, run) -> dict[str, float]:
     from pixelgpt import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports train, which calls this)
     metrics = {}
     if not self.shots:  # the data could fill none of the shot counts: no pass over it
       return metrics
-    shots = evaluate.feature_pass(run, self.shot_config, self.layers, indices=self.indices, desc="few-shot")
-    test = evaluate.feature_pass(run, self.test_config, self.layers, indices=self.test_indices,
+    pixels = self._pixels is None
+    shots = evaluate.feature_pass(run, self.shot_config, self.layers, pixels=pixels, indices=self.indices,
+                                  desc="few-shot")
+    test = evaluate.feature_pass(run, self.test_config, self.layers, pixels=pixels, indices=self.test_indices,
                                  desc="few-shot test")
     # Row r of the shot pass is the (r div classes)-th image of its class: the first k·classes rows are k-shot.
     position = np.arange(shots["mask"].size).reshape(shots["mask"].shape)
     rank = jax.device_put(position, shots["mask"].sharding)
+    features = [(layer, shots["features"][g], test["features"][g]) for g, layer in enumerate(self.layers)]
+    if pixels:
+      features.append((PIXELS, shots["pixels"], test["pixels"]))
     for k in self.shots:
       weights = shots["mask"] * (rank < k * self.num_classes)
-      for g, layer in enumerate(self.layers):
-        accuracy = ridge_accuracy(shots["features"][g], shots["label"], weights, test["features"][g], test["label"],
-                                  test["mask"], self.l2, num_classes=self.num_classes)
+      for layer, shot_x, test_x in features:
+        accuracy = ridge_accuracy(shot_x, shots["label"], weights, test_x, test["label"], test["mask"], self.l2,
+                                  num_classes=self.num_classes)
         metrics[metric_name(self.dataset, k, layer)] = float(accuracy.addressable_data(0))
-    return metrics
+    if pixels:
+      self._pixels = {name: value for name, value in metrics.items() if name.endswith(PIXELS)}
+    return {**metrics, **self._pixels}  # the baseline at every step: a flat line beside each curve
+
+
+def plot_curves(logged: list[dict], path, title: str) -> bool:
+  """PNG of few-shot accuracy against training step, one panel per shot count, one line per layer and the raw-pixel
+  baseline dashed, from the run's logged metrics. False (nothing written) before any few-shot evaluation."""
+  pattern = re.compile(r"^fewshot/.*_(\d+)shot_(layer(\d+)|pixels)$")
+  curves: dict[int, dict[str, list[tuple[int, float]]]] = {}
+  for m in logged:
+    for name, value in m.items():
+      match = pattern.match(name)
+      if match:
+        curves.setdefault(int(match[1]), {}).setdefault(match[2], []).append((m["step"], 100 * value))
+  if not curves:
+    return False
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (only plotting needs matplotlib)
+
+  fig = Figure(figsize=(3.2 * len(curves), 3.4), dpi=100)
+  axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
+  for ax, k in zip(axes, sorted(curves)):
+    lines = curves[k]
+    for key in sorted((n for n in lines if n != PIXELS), key=lambda n: int(n[len("layer"):])):
+      ax.plot(*zip(*lines[key]), "o-", markersize=3, label=key.replace("layer", "layer "))
+    if PIXELS in lines:
+      ax.axhline(lines[PIXELS][-1][1], color="gray", linestyle="--", label="pixels")
+    ax.set(xlabel="training step", title=f"{k}-shot")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("accuracy (%)")
+  axes[-1].legend(fontsize="small")
+  fig.suptitle(title)
+  fig.tight_layout()
+  storage.write_png(storage.path(path), lambda f: fig.savefig(f, format="png"))
+  return True

@@ -104,7 +104,12 @@ MAX_TAIL_LINES = 100
 
 
 def _read_lines(path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  # No exists() check first: the writer may delete the tail between the check and the read (a seal).
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return []
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _read_logged(w) -> tuple[list[dict], list[dict]]:

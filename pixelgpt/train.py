@@ -352,10 +352,14 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
           evaluating = (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
           if evaluating:
             last["eval/loss"] = evaluate(config, s, state.params, palette, mesh)
-          if fewshot_eval and (evaluating if not config.fewshot.every else step % config.fewshot.every == 0
-                               or step == config.total_steps):
+          shots = fewshot_eval and (evaluating if not config.fewshot.every else step % config.fewshot.every == 0
+                                    or step == config.total_steps)
+          if shots:
             last.update(_fewshot(fewshot_eval, config, s, state.params, palette, mesh, step))
           writer.write(step, last)
+          if shots and is_main:  # the curves so far, restarts included, as one picture beside TensorBoard's
+            fewshot.plot_curves(metrics_lib.read_metrics(workdir), workdir / "fewshot.png",
+                                f"few-shot linear accuracy on {config.dataset.name}")
           interval_start = time.perf_counter()
         if saving:
           checkpointer.save(step, state, data, config_json=config_json, palette=palette)

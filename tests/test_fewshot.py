@@ -52,6 +52,7 @@ def test_shot_sets_are_balanced_nested_and_seeded():
 def test_metric_names():
   name = fewshot.metric_name("tfds:imagenet_resized/32x32", 10, 24)
   assert name == "fewshot/tfds_imagenet_resized_32x32_10shot_layer24"
+  assert fewshot.metric_name("digits", 5, fewshot.PIXELS) == "fewshot/digits_5shot_pixels"
 
 
 def test_a_config_written_before_the_fewshot_group_existed_reads_with_its_defaults():

@@ -47,11 +47,14 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
   straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
   assert resumed == straight  # bitwise: same data order, same updates
   # smoke.py's few-shot evaluator (layers 1 and -1 = 2 here) ran at the eval steps only, the same in both runs.
-  names = [f"fewshot/digits_{k}shot_layer{layer}" for k in (1, 5, 10, 25) for layer in (1, 2)]
+  names = [f"fewshot/digits_{k}shot_{layer}" for k in (1, 5, 10, 25) for layer in ("layer1", "layer2", "pixels")]
   for name in names:
     shots = _losses(tmp_path / "straight", name)
     assert shots.keys() == {4, 8} and shots == _losses(tmp_path / "resumed", name), name
-  assert _losses(tmp_path / "straight", names[-1])[8] > 0.2  # 25 digits per class on 1,000 held-out (chance 0.1)
+  assert _losses(tmp_path / "straight", names[-2])[8] > 0.2  # 25 digits per class on 1,000 held-out (chance 0.1)
+  pixels = _losses(tmp_path / "straight", names[-1])
+  assert pixels[4] == pixels[8] > 0.8  # the raw-pixel baseline: computed once, logged beside every curve
+  assert (tmp_path / "resumed" / "fewshot.png").is_file()  # the curves, both runs' steps
   for a, b in zip(*(_params(tmp_path / w, 8) for w in ("straight", "resumed"))):
     for x, y in zip(a, b):
       np.testing.assert_array_equal(x, y)
