@@ -10,6 +10,7 @@ import math
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +66,8 @@ def eval_main(fv):
   what = "masked-position NLL" if run.config.model.objective == "bert" else "NLL"
   result = {"step": run.step, "split": run.config.dataset.eval_split, "nll_nats_per_token": nll,
             "nll_bits_per_token": nll / math.log(2)}
+  if jax.process_index() != 0:
+    return
   print(f"pixelgpt eval: step {run.step}, {run.config.dataset.name}/{run.config.dataset.eval_split}: held-out "
         f"{what} {nll:.4f} nats/token = {nll / math.log(2):.4f} bits/token")
   print(json.dumps(result))
@@ -106,8 +109,10 @@ def score_tokens(run, tokens: np.ndarray, batch_size: int | None = None):
   with sharding_lib.activate(run.mesh):
     for (chunk,), real in _padded_batches([tokens.astype(np.int32)], batch):
       out = forward(run.params, pipeline.to_global({"tokens": chunk[rows]}, sharding, batch)["tokens"])
-      logits.append(np.asarray(out[0])[:real])
-      nll.append(np.asarray(out[1])[:real])
+      # Rows live on every process's devices: each process gets the whole batch (a collective all take part in).
+      out = multihost_utils.process_allgather(out, tiled=True)
+      logits.append(out[0][:real])
+      nll.append(out[1][:real])
   return np.concatenate(logits), np.concatenate(nll)
 
 
@@ -127,6 +132,8 @@ def score_main(fv):
   tokens = np.load(io.BytesIO(tokens_path.read_bytes()), allow_pickle=False)
   run = workdir_lib.open_run(fv.workdir)
   logits, nll = score_tokens(run, tokens)
+  if jax.process_index() != 0:
+    return
   out = io.BytesIO()
   np.savez(out, logits=logits.astype(np.float32), nll=nll.astype(np.float32))
   storage.write_atomic(storage.usable(fv.out, what="--out"), out.getvalue())
@@ -324,6 +331,8 @@ def finetune_main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
   cli.require(fv, "workdir", "out")
   result = finetune(fv.workdir, fv.out, steps=fv.steps, lr=fv.lr, overrides=cli.config_overrides(fv))
+  if jax.process_index() != 0:
+    return
   print(f"pixelgpt finetune: {result['steps']} steps, test accuracy {100 * result['test_accuracy']:.2f}% "
         f"on {result['test_examples']} examples -> {storage.path(fv.out) / 'finetune.json'}")
 
@@ -389,7 +398,7 @@ def finetune(workdir, out, *, steps: int, lr: float = 0.0, overrides: dict | Non
   config_json = config_lib.to_json(config)
   log = []
   with sharding_lib.activate(mesh):
-    for i in tqdm(range(1, steps + 1), desc="finetune", unit="step"):
+    for i in tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=jax.process_index() != 0):
       batch = pipeline.to_global(next(data), run.setup.batch_sharding, config.batch_size)
       state, (generative, classification) = step_fn(state, batch)
       if i % max(1, steps // 10) == 0 or i == steps:
@@ -397,19 +406,19 @@ def finetune(workdir, out, *, steps: int, lr: float = 0.0, overrides: dict | Non
     checkpointer.save(steps, state, data, config_json=config_json, palette=run.palette)
     checkpointer.close()
 
-    predict = jax.jit(lambda p, x: jnp.argmax(_classify(model, p, x)[1], axis=-1))
+    # Counted on the mesh (each process holds only its rows' labels): the sums come back replicated.
+    counts = jax.jit(lambda p, b: (jnp.sum((jnp.argmax(_classify(model, p, b["tokens"])[1], axis=-1) == b["label"])
+                                           * b["mask"]), jnp.sum(b["mask"])))
     sharding = dict(run.setup.batch_sharding, mask=sharding_lib.batch_sharding(mesh))
     correct = total = 0
     test_config = _split_config(config, config.dataset.eval_split)
     for host in pipeline.make_eval_batches(test_config, run.palette, rows=rows):
-      keep = host["mask"] > 0
-      batch = pipeline.to_global(host, sharding, config.batch_size)
-      predicted = np.asarray(predict(state.params, batch["tokens"]))
-      correct += int((predicted[keep] == host["label"][keep]).sum())
-      total += int(keep.sum())
-  palette_lib.save(out / "palette.npy", run.palette)
-  storage.write_atomic(out / "config.json", config_json)
+      right, real = counts(state.params, pipeline.to_global(host, sharding, config.batch_size))
+      correct, total = correct + int(right), total + int(real)
   result = {"pretrained_workdir": str(storage.path(workdir)), "pretrained_step": run.step, "steps": steps,
             "lr": config.optim.lr, "test_accuracy": correct / max(total, 1), "test_examples": total, "log": log}
-  storage.write_atomic(out / "finetune.json", json.dumps(result, indent=2))
+  if jax.process_index() == 0:
+    palette_lib.save(out / "palette.npy", run.palette)
+    storage.write_atomic(out / "config.json", config_json)
+    storage.write_atomic(out / "finetune.json", json.dumps(result, indent=2))
   return result

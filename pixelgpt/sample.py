@@ -9,6 +9,7 @@ import dataclasses
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -144,8 +145,12 @@ def sample_main(fv):
     x = pipeline.to_global({"tokens": batch[sharding_lib.local_rows(layout, padded)]}, layout, padded)["tokens"]
     compiled = fn.lower(run.params, jax.random.key(fv.seed), x).compile()
     start = time.perf_counter()
-    tokens = np.asarray(jax.block_until_ready(compiled(run.params, jax.random.key(fv.seed), x)))[:len(prefix)]
+    tokens = jax.block_until_ready(compiled(run.params, jax.random.key(fv.seed), x))
     seconds = time.perf_counter() - start
+    # Every process sampled its rows; all take part in the gather, process 0 writes the grid.
+    tokens = multihost_utils.process_allgather(tokens, tiled=True)[:len(prefix)]
+  if jax.process_index() != 0:
+    return
   images = tokens_to_images(tokens, run.palette, res)
   if fv.complete:
     # Each grid row: the kept rows alone, the completions, then the original image.

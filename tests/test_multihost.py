@@ -111,3 +111,37 @@ def test_two_processes_probe_like_one(tmp_path, one_process_run):
   # example differently, so the per-layer validation accuracies agree to one example.
   np.testing.assert_allclose([r["val_accuracy"] for r in two["layers"]], [r["val_accuracy"] for r in one["layers"]],
                              atol=1.01 / one["val_examples"])
+
+
+def test_two_processes_evaluate_score_finetune_and_complete_like_one(tmp_path, one_process_run):
+  """eval, score, finetune and sample --complete as 2-process jobs: each process feeds its rows and the results
+  gathered on the mesh are those of one process (the training run's own eval, an in-process score and finetune
+  on 8 devices, and a 1-process greedy completion)."""
+  from pixelgpt import evaluate, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  job = lambda *args: finish_job(start_job(*args, processes=2, devices=2, logs=tmp_path))
+
+  out = job("eval", "--workdir", one_process_run)
+  nll = json.loads(out[out.index('{"step"'):].splitlines()[0])["nll_nats_per_token"]
+  trained = [m for m in metrics_lib.read_metrics(one_process_run) if "eval/loss" in m][-1]
+  np.testing.assert_allclose(nll, trained["eval/loss"], rtol=1e-5)
+
+  tokens = np.random.default_rng(0).integers(0, 16, (21, 64), dtype=np.int32)  # not a multiple of the batch
+  np.save(tmp_path / "tokens.npy", tokens)
+  job("score", "--workdir", one_process_run, "--tokens", tmp_path / "tokens.npy", "--out", tmp_path / "two.npz")
+  scored = np.load(tmp_path / "two.npz")
+  logits, nll = evaluate.score_tokens(workdir_lib.open_run(one_process_run), tokens)
+  np.testing.assert_allclose(scored["logits"], logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(scored["nll"], nll, rtol=1e-5)
+
+  job("finetune", "--workdir", one_process_run, "--out", tmp_path / "ft2", "--steps", "3")
+  with open(tmp_path / "ft2" / "finetune.json") as f:
+    two = json.load(f)
+  one = evaluate.finetune(one_process_run, str(tmp_path / "ft1"), steps=3)
+  assert two["test_examples"] == one["test_examples"] == 297  # every held-out digit, counted on the mesh
+  assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 1.01 / 297
+  np.testing.assert_allclose([m["loss/clf"] for m in two["log"]], [m["loss/clf"] for m in one["log"]], rtol=1e-4)
+
+  complete = ["sample", "--workdir", one_process_run, "--complete", "--keep_rows=4", "--num=3", "--temperature=0"]
+  run_pixelgpt(*complete, "--out", tmp_path / "one.png", devices=4)
+  job(*complete, "--out", tmp_path / "two.png")
+  assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()  # greedy: the same pixels
