@@ -17,6 +17,8 @@ from absl import flags
 import jax
 
 from pixelgpt import config as config_lib
+from pixelgpt import estimate as estimate_lib
+from pixelgpt import hlo
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
 from pixelgpt import sharding as sharding_lib
@@ -28,6 +30,7 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
+  name: str  # as in Cloud TPU accelerator types: v4, v5p, v5e, ...
   libtpu_name: str  # the generation in libtpu's topology names: 'v5' in 'v5:8x8x16' is v5p
   torus_dims: int
   name_units_per_chip: int  # Cloud TPU names count TensorCores (2 a chip) up to v5p, chips from v5e on
@@ -36,12 +39,12 @@ class Generation:
 
 
 GENERATIONS = {
-    "v2": Generation("v2", 2, 2, 2, 8),
-    "v3": Generation("v3", 2, 2, 2, 16),
-    "v4": Generation("v4", 3, 2, 1, 32),
-    "v5p": Generation("v5", 3, 2, 1, 95),
-    "v5e": Generation("v5e", 2, 1, 1, 16),
-    "v6e": Generation("v6e", 2, 1, 1, 32),
+    "v2": Generation("v2", "v2", 2, 2, 2, 8),
+    "v3": Generation("v3", "v3", 2, 2, 2, 16),
+    "v4": Generation("v4", "v4", 3, 2, 1, 32),
+    "v5p": Generation("v5p", "v5", 3, 2, 1, 95),
+    "v5e": Generation("v5e", "v5e", 2, 1, 1, 16),
+    "v6e": Generation("v6e", "v6e", 2, 1, 1, 32),
 }
 GENERATIONS["v5litepod"] = GENERATIONS["v5e"]  # v5e's name in gcloud
 
@@ -100,7 +103,24 @@ def _one_line(error: Exception) -> str:
   return " ".join(str(error).split())[:1000]
 
 
-def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
+@dataclasses.dataclass
+class Compiled:
+  """The trainer's train step compiled for a topology: the program (None when it does not fit), and what it ran
+  over."""
+  config: object
+  topology: Topology
+  devices: list
+  mesh: object
+  setup: object
+  executable: object  # jax.stages.Compiled, or None: the compiler's misfit reason is in `reason`
+  reason: str | None
+  compile_s: float
+
+  def analysis(self) -> hlo.Analysis:
+    return hlo.analyse(self.executable.as_text(), len(self.devices))
+
+
+def compile_for(config, topology: Topology) -> Compiled:
   """Lowers the trainer's jitted train step over abstract state and batch for the topology and compiles it."""
   config = config.copy_and_resolve_references()
   # 'auto' must resolve for the target (TPU), not for the CPU this compile runs on.
@@ -112,11 +132,7 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   sharding_lib.check_batch(config.batch_size, mesh)
-  # What each host of the pod will decode per step: the rows its devices hold (a row held by devices of several
-  # hosts is decoded by each of them).
-  rows = [len(r) for r in sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), config.batch_size).values()]
   setup = train_lib.setup(config, mesh)
-
   start = time.perf_counter()
   with sharding_lib.activate(mesh):
     try:
@@ -126,14 +142,22 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
         raise
       raise UserError(f"config.mesh {dict(mesh.shape)} does not split the model: {_one_line(e)}") from None
     try:
-      compiled, reason = lowered.compile(), None
+      executable, reason = lowered.compile(), None
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      compiled, reason = None, _one_line(e)
-  compile_s = time.perf_counter() - start
+      executable, reason = None, _one_line(e)
+  return Compiled(config, topology, devices, mesh, setup, executable, reason, time.perf_counter() - start)
 
-  model_cfg = setup.model.cfg
+
+def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
+  """The report of `pixelgpt compile`: memory and fit, the step-time estimate, and what each host decodes."""
+  c = compile_for(config, topology)
+  config, devices, mesh, compiled = c.config, c.devices, c.mesh, c.executable
+  # What each host of the pod will decode per step: the rows its devices hold (a row held by devices of several
+  # hosts is decoded by each of them).
+  rows = [len(r) for r in sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), config.batch_size).values()]
+  model_cfg = c.setup.model.cfg
   tokens_per_step = config.batch_size * model_cfg.seq_len
   flops_per_step = metrics_lib.flops_per_token(model_cfg) * tokens_per_step
   peak = metrics_lib.peak_flops_per_device(devices[0])
@@ -143,12 +167,12 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
       "topology": topology.name, "libtpu_topology": topology.libtpu_name, "num_slices": topology.num_slices,
       "devices": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
       "batch_size": config.batch_size, "tokens_per_step": tokens_per_step,
-      "params": model_lib.count_params(setup.abstract_state.params), "attention": config.model.attention,
+      "params": model_lib.count_params(c.setup.abstract_state.params), "attention": config.model.attention,
       "remat": config.model.remat, "per_device_bytes": None, "hbm_bytes": hbm_bytes, "fits": False,
-      "reason": reason, "flops_per_step": flops_per_step, "compiler_flops_per_device": None, "mfu": mfu,
-      "step_time_s": step_time_s, "tokens_per_sec": tokens_per_step / step_time_s, "compile_s": compile_s,
+      "reason": c.reason, "flops_per_step": flops_per_step, "compiler_flops_per_device": None, "mfu": mfu,
+      "step_time_s": step_time_s, "tokens_per_sec": tokens_per_step / step_time_s, "compile_s": c.compile_s,
       "processes": len(rows), "rows_per_process": {"min": min(rows), "max": max(rows)},
-      "rows_decoded_per_step": sum(rows), "host_images_per_sec": max(rows) / step_time_s,
+      "rows_decoded_per_step": sum(rows), "host_images_per_sec": max(rows) / step_time_s, "estimate": None,
   }
   if compiled is not None:
     m = compiled.memory_analysis()
@@ -160,6 +184,13 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
     report["reason"] = None if report["fits"] else f"needs {total / GIB:.2f} GiB of {hbm_bytes / GIB:.0f} GiB HBM"
     # XLA counts a scanned loop's body once, so this undercounts the layers; kept as the compiler's own view.
     report["compiler_flops_per_device"] = (compiled.cost_analysis() or {}).get("flops")
+    # The estimate reads the program as scheduled, loops counted (hlo.py); replica groups index the program's
+    # device assignment, which is the mesh's devices in order.
+    report["estimate"] = estimate_lib.estimate(
+        c.analysis(), devices=list(mesh.devices.flat), torus=topology.torus, generation=topology.generation.name,
+        devices_per_chip=topology.generation.devices_per_chip, model_flops_per_device=flops_per_step / len(devices))
+    if report["estimate"]:
+      report["host_images_per_sec"] = max(rows) / report["estimate"]["step_s"]
   return report
 
 
@@ -174,13 +205,23 @@ def format_report(r: dict, label: str) -> str:
     lines.append(f"  per device: arguments {b['arguments']:.2f} GiB + temporaries {b['temp']:.2f} GiB + outputs "
                  f"{b['output']:.2f} GiB - donated {b['alias']:.2f} GiB = {b['total']:.2f} GiB of "
                  f"{r['hbm_bytes'] / GIB:.0f} GiB HBM")
-  lines.append(f"  FLOPs per step {r['flops_per_step']:.3g} (model); at {r['mfu']:.0%} MFU: "
+  lines.append(f"  FLOPs per step {r['flops_per_step']:.3g} (model); at an assumed {r['mfu']:.0%} MFU: "
                f"{r['step_time_s']:.3g} s/step, {r['tokens_per_sec']:,.0f} tokens/s")
+  e = r["estimate"]
+  if e:
+    ms = lambda s: f"{1e3 * s:,.1f}"
+    lines.append(f"  estimate (from the compiled program, not a measurement): {ms(e['step_s'])} ms/step = max(compute "
+                 f"{ms(e['compute_s'])}, HBM {ms(e['hbm_s'])}, ICI {ms(e['ici_s'])} + DCN {ms(e['dcn_s'])}) -> "
+                 f"MFU {e['mfu']:.0%}, {r['tokens_per_step'] / e['step_s']:,.0f} tokens/s; bottleneck "
+                 f"{e['bottleneck']}; {ms(e['serial_s'])} ms with nothing overlapped")
+    moved = ", ".join(f"{kind} {b / GIB:.2f} GiB" for kind, b in e["collective_bytes"].items() if b)
+    lines.append(f"  collectives per device per step: {moved or 'none'}")
   per_host = r["rows_per_process"]
   spread = f"{per_host['min']}" if per_host["min"] == per_host["max"] else f"{per_host['min']}-{per_host['max']}"
+  pace = "at the estimated step time" if e else f"at {r['mfu']:.0%} MFU"
   lines.append(f"  feeding: each of {r['processes']} hosts decodes {spread} of the batch's {r['batch_size']} rows per "
                f"step ({r['rows_decoded_per_step'] / r['batch_size']:.3g}× the batch in all), "
-               f"{r['host_images_per_sec']:,.0f} images/s per host at {r['mfu']:.0%} MFU")
+               f"{r['host_images_per_sec']:,.0f} images/s per host {pace}")
   lines.append(f"  compiled in {r['compile_s']:.1f} s: " + ("fits" if r["fits"] else f"does not fit: {r['reason']}"))
   return "\n".join(lines)
 
