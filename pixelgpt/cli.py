@@ -24,7 +24,10 @@ commands:
   probe     --workdir W [--layers 1,2 --val_fraction 0.1 --feature_memory_gib 4]   linear probe per layer, layer
                                                  and L2 chosen on validation -> W/probe.json, W/probe.png
   finetune  --workdir W --out W2 [--steps 500]   fine-tune with L_gen + L_clf, report test accuracy
-  compile   --config configs/X.py --topology v3-2048 [--num_slices N] [--json]   AOT compile for a TPU pod
+  compile   --config configs/X.py --topology v3-2048 [--num_slices N] [--json]   AOT compile for a TPU pod: fit,
+                                                 feeding, estimated step time (compute/HBM/ICI/DCN)
+  plan      --config configs/X.py --topology v5p-2048 [--num_slices N] [--batch_sizes 128-1024] [--remat ...]
+            [--json]                             the fastest mesh/remat/batch, ranked by estimated tokens/s
   sweep     --sweep configs/sweeps/X.py --root R [--workdir_root W] [--launcher local|tpu] [--dry_run] [--probe]
                                                  scaling sweep -> R/results.csv, power-law fits, plots
   convert   --from_hf DIR_OR_HUB_ID --workdir W [--config.a.b=v] | --to_hf DIR --workdir W   Hugging Face ImageGPT
@@ -45,6 +48,7 @@ COMMANDS = {
     "finetune": "pixelgpt.evaluate:finetune",
     "convert": "pixelgpt.interop.hf",
     "compile": "pixelgpt.compile",
+    "plan": "pixelgpt.plan",
     "sweep": "pixelgpt.sweep",
 }
 

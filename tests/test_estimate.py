@@ -94,3 +94,39 @@ def test_estimate_names_its_terms_and_data_parallel_across_slices_goes_over_dcn(
   assert 0 < e["mfu"] < 1
   np.testing.assert_allclose(report["host_images_per_sec"],
                              report["rows_per_process"]["max"] / e["step_s"])
+
+
+def test_plan_ranks_tensor_parallelism_over_every_device_below_pure_fsdp(tmp_path):
+  from pixelgpt import plan  # pylint: disable=g-import-not-at-top
+  config = config_lib.override(config_lib.base(), SHAPE)
+  topology = compile_lib.parse_topology("v4-8")
+  ranked = plan.plan(config, topology, batch_sizes=[8], remats=["none"], cache_dir=str(tmp_path), progress=False)
+  layouts = [(c.data, c.fsdp, c.tensor) for c in ranked]
+  assert set(layouts) == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)}
+  assert layouts.index((1, 4, 1)) < layouts.index((1, 1, 4))  # a small model gains nothing from splitting heads
+  best = ranked[0]
+  assert best.report["fits"] and best.status == "compiled" and best.tokens_per_sec > 0
+  assert best.tensor < 4 and best.flags().startswith("--config.mesh.data=")
+  # A second plan reads every report back from the cache: nothing is compiled again.
+  again = plan.plan(config, topology, batch_sizes=[8], remats=["none"], cache_dir=str(tmp_path), progress=False)
+  assert {c.status for c in again if c.report} == {"cached"}
+  assert [c.overrides for c in again] == [c.overrides for c in ranked]
+
+
+def test_plan_refuses_unfeedable_batches_without_compiling_and_parses_batch_ranges():
+  from pixelgpt import plan  # pylint: disable=g-import-not-at-top
+  config = config_lib.override(config_lib.base(), SHAPE)
+  c = plan.Candidate(data=4, fsdp=1, tensor=1, remat="none", batch_size=2)
+  assert plan.refusal(config, c, num_slices=1).startswith("refused: batch 2")
+  assert plan.parse_batch_sizes(["100-1024"], 8) == [128, 256, 512, 1024]
+  assert plan.parse_batch_sizes(["48", "16"], 8) == [16, 48] and plan.parse_batch_sizes(None, 8) == [8]
+  with pytest.raises(Exception, match="batch_sizes"):
+    plan.parse_batch_sizes(["big"], 8)
+
+
+def test_plan_flag_errors_are_one_line(capsys):
+  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
+  for bad in (["--remat=none,sometimes"], ["--batch_sizes=0-8"]):
+    assert cli.main(["pixelgpt", "plan", "--config=configs/smoke.py", "--topology=v4-8", *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pixelgpt plan: error:" in err
