@@ -127,14 +127,42 @@ def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
   return computations, entry
 
 
-def _trip_count(condition: list[Instruction]) -> int | None:
-  """N of a loop `i < N` (scan loops count from 0): the integer constant the condition's compare reads."""
-  constants = {i.name: i.arguments for i in condition if i.opcode == "constant"}
-  for i in condition:
-    if i.opcode == "compare" and "direction=LT" in i.attributes:
-      for operand in i.operands:
-        if re.fullmatch(r"-?\d+", constants.get(operand, "")):
-          return int(constants[operand])
+def _through_copies(name: str, instructions: dict[str, Instruction]) -> Instruction | None:
+  x = instructions.get(name)
+  while x is not None and x.opcode in ("copy", "bitcast", "convert") and x.operands:
+    x = instructions.get(x.operands[0])
+  return x
+
+
+def _int_constant(x: Instruction | None) -> int | None:
+  return int(x.arguments) if x is not None and x.opcode == "constant" and re.fullmatch(r"-?\d+", x.arguments) else None
+
+
+def _trip_count(loop: Instruction, caller: list[Instruction], computations: dict[str, list[Instruction]]) -> int | None:
+  """Iterations of a `for i = start; i < N; i += step` while loop: scans count from 0 by 1, and XLA's windowed
+  matmul loops (FSDP's all-gather decomposed into chunks) by 2 from 0. None when the loop is not of that form."""
+  callees = dict(_CALLEE.findall(loop.attributes))
+  condition = {x.name: x for x in computations.get(callees.get("condition"), [])}
+  body = {x.name: x for x in computations.get(callees.get("body"), [])}
+  for compare in condition.values():
+    if compare.opcode != "compare" or "direction=LT" not in compare.attributes or len(compare.operands) != 2:
+      continue
+    counter, limit = (_through_copies(o, condition) for o in compare.operands)
+    index = re.search(r"index=(\d+)", counter.attributes) if counter and counter.opcode == "get-tuple-element" else None
+    if index is None or _int_constant(limit) is None:
+      continue
+    k, bound = int(index.group(1)), _int_constant(limit)
+    step = 1
+    root = next((x for x in body.values() if x.root), None)
+    if root is not None and root.opcode == "tuple" and k < len(root.operands):
+      update = _through_copies(root.operands[k], body)
+      if update is not None and update.opcode == "add":
+        step = next((c for c in (_int_constant(_through_copies(o, body)) for o in update.operands) if c), 1)
+    init = {x.name: x for x in caller}.get(loop.operands[0]) if loop.operands else None
+    first = 0
+    if init is not None and init.opcode == "tuple" and k < len(init.operands):
+      first = _int_constant(_through_copies(init.operands[k], {x.name: x for x in caller})) or 0
+    return max(0, -(-(bound - first) // step))
   return None
 
 
@@ -154,8 +182,7 @@ def _counts(computations: dict[str, list[Instruction]], entry: str) -> tuple[dic
         callees += [("branch", b.strip().lstrip("%")) for b in branches.group(1).split(",")]
       trips = 1
       if i.opcode == "while":
-        condition = dict(callees).get("condition")
-        trips = _trip_count(computations.get(condition, [])) if condition else None
+        trips = _trip_count(i, computations.get(name, []), computations)
         if trips is None:
           unknown, trips = unknown + 1, 1
       for kind, callee in callees:

@@ -8,7 +8,9 @@ estimate so far; and ranks what fits by estimated tokens/s (estimate.py: an esti
 
 The lower bound of a candidate is max(its matmul FLOPs at the chip's peak, the bytes its mesh must move at the
 chip's whole ICI bandwidth): FSDP gathers every weight shard once and reduce-scatters its gradient once, data
-parallelism all-reduces the gradient, remat 'full' runs the forward pass twice. No compiled program does better.
+parallelism all-reduces the gradient, remat 'full' runs the forward pass twice. Once a layout is compiled, its
+siblings (the same remat, batch and tensor width, the data-parallel devices split otherwise between data and
+fsdp) run the same local program: their bound rises to 95% of its max(compute, HBM) time.
 """
 
 import dataclasses
@@ -32,6 +34,8 @@ from pixelgpt.errors import UserError
 
 # Forward passes per step relative to no remat: 'full' recomputes the block forward in the backward pass.
 _FORWARD_PASSES = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 4.0 / 3.0}
+# A sibling layout's compute and HBM time is taken as at least this share of a compiled one's (see plan()).
+SIBLING_TOLERANCE = 0.95
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixelgpt", "compile")
 
 
@@ -153,9 +157,17 @@ def plan(config, topology: compile_lib.Topology, *, batch_sizes: list[int], rema
       c.bound_tokens_per_sec = c.batch_size * config_lib.seq_len(config) / bound if bound else math.inf
       runnable.append(c)
   runnable.sort(key=lambda c: -c.bound_tokens_per_sec)  # the most promising first: later ones often cannot win
-  best = 0.0
+  best, roofs = 0.0, {}
+  tokens = config_lib.seq_len(config)
   bar = tqdm(runnable, desc=f"plan {topology.name}", unit="candidate", disable=not progress, file=sys.stderr)
   for c in bar:
+    # Layouts that differ only in how data and fsdp split the same data-parallel devices run the same local
+    # program (same batch rows, same weight shards after gathering): their compute and HBM time is a compiled
+    # sibling's, within the few percent the gathered buffers change; only their collectives differ, which can
+    # only add time.
+    roof = roofs.get((c.remat, c.batch_size, c.tensor))
+    if roof:
+      c.bound_tokens_per_sec = min(c.bound_tokens_per_sec, c.batch_size * tokens / (SIBLING_TOLERANCE * roof))
     if c.bound_tokens_per_sec <= best:
       c.status = f"skipped: at most {c.bound_tokens_per_sec:,.0f} tokens/s (lower bound), best {best:,.0f}"
       continue
@@ -165,12 +177,16 @@ def plan(config, topology: compile_lib.Topology, *, batch_sizes: list[int], rema
       c.status = f"refused: {e}"
       continue
     c.status = ("cached" if cached else "compiled") if c.report["fits"] else f"does not fit: {c.report['reason']}"
+    e = c.report.get("estimate")
+    if e and c.report["fits"]:
+      key = (c.remat, c.batch_size, c.tensor)
+      roofs[key] = min(roofs.get(key, math.inf), max(e["compute_s"], e["hbm_s"]))
     best = max(best, c.tokens_per_sec)
     bar.set_postfix(best=f"{best:,.0f} tokens/s")
   return sorted(everything, key=lambda c: (-c.tokens_per_sec, -c.bound_tokens_per_sec))
 
 
-def _row(c: Candidate) -> dict:
+def candidate_row(c: Candidate) -> dict:
   r, e = c.report or {}, (c.report or {}).get("estimate") or {}
   return {"overrides": c.overrides, "flags": c.flags(), "status": c.status, "fits": r.get("fits"),
           "per_device_bytes": (r.get("per_device_bytes") or {}).get("total"),
@@ -245,7 +261,7 @@ def main(fv):
   ranked = plan(config, topology, batch_sizes=parse_batch_sizes(fv.batch_sizes, config.batch_size),
                 remats=list(fv.remat), cache_dir=fv.cache_dir or None)
   if fv.json:
-    rows = [_row(c) for c in ranked]
+    rows = [candidate_row(c) for c in ranked]
     print(json.dumps({"topology": topology.name, "num_slices": num_slices, "candidates": rows,
                       "best": rows[0] if ranked and ranked[0].tokens_per_sec else None}))
   else:
