@@ -67,6 +67,6 @@ def get_config(arg: str | None = None):
   # imagenet_resized comes at 8-64 px; the pipeline BOX-downsamples the next larger size (64 -> 48).
   side = 2 ** math.ceil(math.log2(resolution))
   c.dataset.name = f"tfds:imagenet_resized/{side}x{side}"
-  c.model.remat, c.model.attention = remat, "xla"
+  c.model.remat, c.model.attention = remat, "auto"  # on TPU: splash (benchmarks/results/splash_attention.md)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = 1, -1, tensor, topology.num_slices
   return c

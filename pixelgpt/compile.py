@@ -117,7 +117,16 @@ class Compiled:
   compile_s: float
 
   def analysis(self) -> hlo.Analysis:
-    return hlo.analyse(self.executable.as_text(), len(self.devices))
+    """The program read back, with the FLOPs of its Pallas kernels (splash attention) added from their shapes."""
+    analysis = hlo.analyse(self.executable.as_text(), len(self.devices))
+    causal = self.setup.model.cfg.causal
+    for k in analysis.kernels:
+      # q: the kernel's first floating-point operand of [..., T, head_dim] (the mask tables before it are ints).
+      q = next((hlo.dims(s) for s in k.operands if s.startswith(("bf16", "f16", "f32")) and len(hlo.dims(s)) >= 3),
+               None)
+      if q:
+        analysis.flops += k.count * model_lib.splash_flops(k.name, tuple(q), causal)
+    return analysis
 
 
 def compile_for(config, topology: Topology) -> Compiled:

@@ -14,7 +14,7 @@ from pixelgpt.errors import UserError
 OBJECTIVES = ("ar", "bert")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "xla", "einsum", "blockwise", "cudnn")
+ATTENTION = ("auto", "xla", "einsum", "blockwise", "cudnn", "splash")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -120,6 +120,8 @@ def validate(config) -> None:
          f"config.model.remat must be one of {REMAT_POLICIES}, got {config.model.remat!r}")
   _check(config.model.attention in ATTENTION,
          f"config.model.attention must be one of {ATTENTION}, got {config.model.attention!r}")
+  _check(config.model.attention != "splash" or seq_len(config) % 128 == 0,
+         f"config.model.attention='splash' needs a sequence of whole 128-token blocks, got {seq_len(config)} tokens")
   _check(config.model.d_model % config.model.n_head == 0,
          f"config.model.d_model ({config.model.d_model}) must be divisible by model.n_head ({config.model.n_head})")
   _check(0.0 < config.model.bert_mask_prob < 1.0,

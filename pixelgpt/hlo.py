@@ -64,11 +64,20 @@ class Collective:
 
 
 @dataclasses.dataclass
+class Kernel:
+  """A Pallas TPU kernel (a tpu_custom_call): opaque to this walker, its FLOPs are its author's to count."""
+  name: str  # the pallas_call's name, e.g. splash_mha_fwd_residuals
+  operands: list[str]  # operand shapes
+  count: int
+
+
+@dataclasses.dataclass
 class Analysis:
-  flops: float
+  flops: float  # of the dots and convolutions; Pallas kernels' are not in it (see `kernels`)
   hbm_bytes: float
   collectives: list[Collective]
   unknown_trip_counts: int  # while loops whose trip count could not be read (counted once)
+  kernels: list[Kernel] = dataclasses.field(default_factory=list)
 
 
 def shape_bytes(shape: str) -> float:
@@ -76,7 +85,7 @@ def shape_bytes(shape: str) -> float:
              for dtype, dims in _ARRAY.findall(shape))
 
 
-def _dims(shape: str) -> list[int]:
+def dims(shape: str) -> list[int]:
   match = _ARRAY.search(shape)
   return [int(d) for d in match.group(2).split(",") if d] if match else []
 
@@ -110,20 +119,32 @@ def _parse_instruction(line: str) -> Instruction | None:
 
 
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
-  """{computation name: its instructions}, and the entry computation's name."""
-  computations, entry, current = {}, None, None
+  """{computation name: its instructions}, and the entry computation's name. An instruction may span lines (a
+  Pallas kernel's metadata holds newlines): lines that start no instruction continue the previous one."""
+  computations, entry, current, pending = {}, None, None, []
+
+  def flush():
+    if pending and current is not None:
+      instruction = _parse_instruction(" ".join(pending))
+      if instruction:
+        current.append(instruction)
+    pending.clear()
+
   for line in text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
+      flush()
       current = computations.setdefault(header.group(2), [])
       if header.group(1):
         entry = header.group(2)
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":
+      flush()
       current = None
     elif current is not None:
-      instruction = _parse_instruction(line)
-      if instruction:
-        current.append(instruction)
+      if _INSTRUCTION.match(line):
+        flush()
+      pending.append(line)
+  flush()
   return computations, entry
 
 
@@ -221,8 +242,8 @@ def _valid_taps(in_size: int, out_size: int, w: dict) -> int:
 
 
 def _dot_flops(i: Instruction, shapes: dict[str, str]) -> float:
-  out = _dims(i.shape)
-  operands = [_dims(shapes.get(o, "")) for o in i.operands[:2]]
+  out = dims(i.shape)
+  operands = [dims(shapes.get(o, "")) for o in i.operands[:2]]
   if len(operands) < 2 or not all(operands):
     return 0.0
   lhs, rhs = operands
@@ -359,7 +380,7 @@ def analyse(text: str, num_devices: int) -> Analysis:
   computations, entry = parse(text)
   counts, fused, unknown, callers = _counts(computations, entry)
   flops = hbm = 0.0
-  collectives = []
+  collectives, kernels = [], []
   for name, instructions in computations.items():
     count = counts.get(name, 0)
     if not count:
@@ -369,6 +390,9 @@ def analyse(text: str, num_devices: int) -> Analysis:
     for i in instructions:
       if i.opcode in ("dot", "convolution"):
         flops += count * _dot_flops(i, shapes)
+      if i.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attributes:
+        named = re.search(r'op_name="[^"]*?([\w.\-]+)/pallas_call"', i.attributes)
+        kernels.append(Kernel(named.group(1) if named else i.name, [shapes.get(o, "") for o in i.operands], count))
       if name not in fused and i.opcode not in _FREE and not i.opcode.endswith("-done"):
         hbm += count * _traffic(i, shapes, computations)
       kind = i.opcode.removesuffix("-start")
@@ -385,7 +409,7 @@ def analyse(text: str, num_devices: int) -> Analysis:
                                          i.bytes))
         else:
           collectives.append(_collective(i, kind, shapes, num_devices, count, callers.get(name)))
-  return Analysis(flops, hbm, collectives, unknown)
+  return Analysis(flops, hbm, collectives, unknown, kernels)
 
 
 def collective_bytes(analysis: Analysis) -> dict[str, float]:

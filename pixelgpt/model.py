@@ -22,6 +22,7 @@ HEADS, KV, MLP, VOCAB = "activation_heads", "activation_kv", "activation_mlp", "
 NORM_EPS = 1e-5
 BLOCK_SIZE = 128  # query block of the blockwise attention (measured on CPU, T=1024: 128 ≈ 256 < 64)
 CACHE_CHUNKS = 8  # of the key/value cache in decoding (Attention._attend_cached)
+SPLASH_BLOCKS = (512, 256, 128)
 ROWS_PER_STEP = 1  # (image, head) rows per device in each step of the blockwise attention's loop
 
 
@@ -100,11 +101,16 @@ class RMSNorm(nn.Module):
 
 
 def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
-  """'auto' picks per backend (default: this process's): XLA's fused attention on accelerators, blockwise
-  causal attention on CPU."""
+  """'auto' picks per backend (default: this process's): on TPU the splash kernel for causal sequences of whole
+  128-token blocks (less memory and a shorter estimated step at every pod shape,
+  benchmarks/results/splash_attention.md), XLA's fused attention otherwise and on GPUs, blockwise causal attention
+  on CPU."""
   if cfg.attention != "auto":
     return cfg.attention
-  if (backend or jax.default_backend()) != "cpu":
+  backend = backend or jax.default_backend()
+  if backend == "tpu" and cfg.causal and splash_block(cfg.seq_len):
+    return "splash"
+  if backend != "cpu":
     return "xla"
   return "blockwise" if cfg.causal and cfg.seq_len > BLOCK_SIZE and cfg.seq_len % BLOCK_SIZE == 0 else "einsum"
 
@@ -121,6 +127,8 @@ def _softmax_attention(q, k, v, mask, dtype):
 def attention(q, k, v, *, causal: bool, implementation: str, dtype):
   """q, k, v: [batch, length, heads, head_dim] -> [batch, length, heads, head_dim]."""
   length = q.shape[1]
+  if implementation == "splash":
+    return _splash_attention(q, k, v, causal=causal).astype(dtype)
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
   if implementation == "einsum" or not causal:
@@ -144,6 +152,59 @@ def attention(q, k, v, *, causal: bool, implementation: str, dtype):
                     tuple(to_rows(x) for x in (q / math.sqrt(head_dim), k, v)))
   out = out.reshape(local_b, local_n, batch // local_b, heads // local_n, length, head_dim).transpose(2, 0, 4, 3, 1, 5)
   return out.reshape(batch, length, heads, head_dim).astype(dtype)
+
+
+def splash_block(length: int) -> int:
+  """The splash kernel's query and key block: the largest of 512, 256, 128 that divides the sequence (the kernel
+  needs whole blocks; 512 keeps the matrix units busy at T >= 1024, smaller blocks fit shorter sequences)."""
+  return next((b for b in SPLASH_BLOCKS if length % b == 0), 0)
+
+
+# Matmuls of T × T × head_dim in each of splash's kernels: forward q·kᵀ and p·v; the dkv pass recomputes q·kᵀ and
+# forms dp = do·vᵀ, dv = pᵀ·do, dk = dsᵀ·q; the dq pass recomputes q·kᵀ and dp, and forms dq = ds·k.
+SPLASH_MATMULS = {"fwd": 2, "dkv": 4, "dq": 3}
+
+
+def splash_flops(kernel_name: str, q: tuple[int, ...], causal: bool) -> float:
+  """FLOPs of one run of a splash kernel whose queries are `q` [..., T, head_dim], counting only the blocks the
+  causal mask leaves (the diagonal ones whole); 0 for other kernels."""
+  part = next((p for p in SPLASH_MATMULS if kernel_name.startswith(f"splash_mha_{p}")), None)
+  if part is None:
+    return 0.0
+  length, head_dim = q[-2], q[-1]
+  blocks = length // max(splash_block(length), 1)
+  density = (blocks + 1) / (2 * blocks) if causal else 1.0
+  return SPLASH_MATMULS[part] * 2.0 * math.prod(q[:-2]) * length * length * head_dim * density
+
+
+def _splash_attention(q, k, v, *, causal: bool):
+  """Pallas's TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention): FlashAttention's tiling with
+  the causal mask's empty blocks skipped, forward and backward, never a T×T score matrix in HBM. Runs per device
+  under shard_map over the mesh being traced (batch over data×fsdp, heads over tensor), one example at a time."""
+  # pylint: disable=g-import-not-at-top  (Pallas TPU kernels load only where they are used)
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  batch, length, heads, head_dim = q.shape
+  block = splash_block(length)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  local_heads = sharding_lib.local_size(heads, HEADS)
+  one = masks.CausalMask((length, length)) if causal else masks.FullMask((length, length))
+  mesh = jax.sharding.get_abstract_mesh()
+  # Where the devices traced for are CPUs (tests), Pallas interprets the kernel: the same blocks and masks, slowly.
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  kernel = splash.make_splash_mha(masks.MultiHeadMask([one] * local_heads), head_shards=1, q_seq_shards=1,
+                                  block_sizes=sizes, interpret=platform == "cpu")
+  batch_axes = sharding_lib.mesh_axes(BATCH) if sharding_lib.local_size(batch, BATCH) != batch else None
+  head_axes = sharding_lib.mesh_axes(HEADS) if local_heads != heads else None
+  spec = jax.sharding.PartitionSpec(batch_axes, head_axes, None, None)
+  # Heads-major [B, N, T, H] as the kernel reads them; q scaled here (the kernel does not).
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q / math.sqrt(head_dim), k, v))
+  run = jax.vmap(kernel)
+  if not mesh.empty:
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  return run(q, k, v).transpose(0, 2, 1, 3)
 
 
 # Blockwise causal attention, FlashAttention's algorithm written for XLA:CPU. Query block i attends only to keys up

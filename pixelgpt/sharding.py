@@ -109,15 +109,19 @@ def logical_sharding(tree, mesh: Mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 
+def mesh_axes(logical_name: str) -> tuple[str, ...]:
+  """The mesh axes the rules map a logical name to (empty: unsharded)."""
+  axes = dict(LOGICAL_RULES)[logical_name]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def local_size(size: int, logical_name: str) -> int:
   """How many of `size` entries along a dimension named `logical_name` one device holds, under the mesh being traced
   (jax.set_mesh, as `activate` sets): size itself outside any mesh or where the rules leave the name unsharded."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return size
-  axes = dict(LOGICAL_RULES)[logical_name]
-  axes = (axes,) if isinstance(axes, str) else axes or ()
-  shards = math.prod(mesh.shape[a] for a in axes)
+  shards = math.prod(mesh.shape[a] for a in mesh_axes(logical_name))
   return size // shards if size % shards == 0 else size
 
 

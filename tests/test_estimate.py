@@ -130,3 +130,18 @@ def test_plan_flag_errors_are_one_line(capsys):
     assert cli.main(["pixelgpt", "plan", "--config=configs/smoke.py", "--topology=v4-8", *bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pixelgpt plan: error:" in err
+
+
+def test_splash_attention_compiles_for_v5p_at_4096_tokens_with_its_flops_counted():
+  config = {**SHAPE, "model.n_layer": 1, "model.d_model": 128, "batch_size": 4, "dataset.resolution": 64,
+            "model.attention": "splash", "mesh.fsdp": 4}
+  compiled = _compiled("v5p-8", **config)
+  analysis = compiled.analysis()
+  names = {k.name.split("_")[2] for k in analysis.kernels}
+  assert names == {"fwd", "dkv", "dq"}  # the Pallas kernels forward and backward, inside the program
+  # Causal: 4096 tokens in 8 blocks of 512 leave 36 of the 64 score blocks; 9 matmuls of T×T×head_dim in all.
+  heads, head_dim, length = 4, 32, 4096
+  attention = 9 * 2 * heads * length * length * head_dim * 36 / 64
+  assert compiled.setup.model.cfg.causal
+  without = hlo.analyse(compiled.executable.as_text(), 4).flops
+  assert analysis.flops - without == pytest.approx(attention, rel=1e-6)

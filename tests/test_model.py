@@ -138,8 +138,10 @@ def test_every_weight_has_logical_axis_names():
     assert len(leaf.names) == len(leaf.value.shape)
 
 
-def test_blockwise_attention_gradients_equal_the_reference():
-  """The blockwise kernel has a hand-written backward pass: its gradients must be autodiff's through einsum."""
+@pytest.mark.parametrize("attention", ["blockwise", "splash"])
+def test_kernel_attention_gradients_equal_the_reference(attention):
+  """The blockwise kernel and splash (Pallas's TPU kernel, interpreted on CPU) have hand-written backward passes:
+  their gradients must be autodiff's through einsum."""
   params, tokens = _params(SMALL), _tokens(SMALL)
 
   def loss(attention, p):
@@ -148,15 +150,17 @@ def test_blockwise_attention_gradients_equal_the_reference():
     return model_lib.token_nll(logits, tokens).mean()
 
   value, grads = jax.value_and_grad(lambda p: loss("einsum", p))(params)
-  value_b, grads_b = jax.value_and_grad(lambda p: loss("blockwise", p))(params)
+  value_b, grads_b = jax.value_and_grad(lambda p: loss(attention, p))(params)
   np.testing.assert_allclose(value_b, value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads_b, grads)
 
 
-def test_blockwise_attention_sharded_equals_unsharded():
-  """On a 2×2×2 mesh the blockwise loop runs over each device's own (image, head) rows; nothing may change."""
+@pytest.mark.parametrize("attention", ["blockwise", "splash"])
+def test_kernel_attention_sharded_equals_unsharded(attention):
+  """On a 2×2×2 mesh the blockwise loop runs over each device's own (image, head) rows, and splash runs per device
+  under shard_map on its own images and heads; nothing may change."""
   params, tokens = _params(SMALL), _tokens(SMALL, batch=4)
-  cfg = dataclasses.replace(SMALL, attention="blockwise")
+  cfg = dataclasses.replace(SMALL, attention=attention)
 
   def loss(p, t):
     return model_lib.token_nll(model_lib.Transformer(cfg).apply({"params": p}, t), t).mean()
