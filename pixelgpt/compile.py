@@ -132,13 +132,14 @@ class Compiled:
 def compile_for(config, topology: Topology) -> Compiled:
   """Lowers the trainer's jitted train step over abstract state and batch for the topology and compiles it."""
   config = config.copy_and_resolve_references()
-  # 'auto' must resolve for the target (TPU), not for the CPU this compile runs on.
-  config.model.attention = model_lib.resolve_attention(model_lib.ModelConfig.from_config(config), "tpu")
-  config_lib.validate(config)
   if config.mesh.dcn_data != topology.num_slices:
     raise UserError(f"config.mesh.dcn_data={config.mesh.dcn_data} but the topology has {topology.num_slices} "
                     "slice(s): data parallelism across slices needs one mesh row per slice")
   devices = topology_devices(topology)
+  # 'auto' must resolve for the target (TPU of this generation), not for the CPU this compile runs on.
+  config.model.attention = model_lib.resolve_attention(model_lib.ModelConfig.from_config(config), "tpu",
+                                                       devices[0].device_kind)
+  config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   sharding_lib.check_batch(config.batch_size, mesh)
   setup = train_lib.setup(config, mesh)
@@ -152,8 +153,11 @@ def compile_for(config, topology: Topology) -> Compiled:
       raise UserError(f"config.mesh {dict(mesh.shape)} does not split the model: {_one_line(e)}") from None
     try:
       executable, reason = lowered.compile(), None
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
+    except Exception as e:  # pylint: disable=broad-except  (Pallas raises its own MosaicError, no JaxRuntimeError)
+      if "Mosaic failed to compile" in str(e):  # a Pallas kernel (splash) this generation cannot run
+        raise UserError(f"config.model.attention={config.model.attention!r} does not compile for "
+                        f"{devices[0].device_kind}: {_one_line(e)[:300]}") from None
+      if not isinstance(e, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(e):
         raise
       executable, reason = None, _one_line(e)
   return Compiled(config, topology, devices, mesh, setup, executable, reason, time.perf_counter() - start)

@@ -3,8 +3,8 @@ counted as many times as it runs.
 
 XLA's own `cost_analysis()` counts a while loop's body once, and pixelgpt scans its layers in one: for a 48-layer
 model it sees one layer. This walker multiplies each computation by how often it runs (a while body by its trip
-count, read from the loop condition; a fusion's computation, a call or an async computation by its caller's count),
-then sums:
+count, from the loop counter's start, step and bound; a fusion's computation, a call or an async computation by
+its caller's count), then sums:
 - FLOPs of every dot and convolution (2 × its multiply-adds, counting only window taps on real input elements);
 - HBM bytes of every instruction the program schedules (a fusion counts once, as its operands plus its output,
   not as the instructions inside it: that is what a fused kernel reads and writes);
@@ -12,6 +12,7 @@ then sums:
   `all-reduce-scatter` fusion), all-reduce, all-to-all and collective-permute, with its bytes per device, the size
   of its groups and the groups themselves (estimate.py places them on the torus); between slices, the transfers
   XLA:TPU hands to its data-centre network runtime.
+Pallas kernels (tpu_custom_call) are opaque: they are listed with their operands for their authors to count.
 """
 
 import collections

@@ -100,15 +100,21 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
-  """'auto' picks per backend (default: this process's): on TPU the splash kernel for causal sequences of whole
-  128-token blocks (less memory and a shorter estimated step at every pod shape,
+# TPU generations whose Mosaic compiler lacks what splash needs (bf16 matmuls in kernels): XLA's attention there.
+NO_SPLASH = ("TPU v2", "TPU v3")
+
+
+def resolve_attention(cfg: ModelConfig, backend: str | None = None, device_kind: str | None = None) -> str:
+  """'auto' picks per backend and device kind (default: this process's): on TPU v4 and later the splash kernel for
+  causal sequences of whole 128-token blocks (less memory and a shorter estimated step at every pod shape,
   benchmarks/results/splash_attention.md), XLA's fused attention otherwise and on GPUs, blockwise causal attention
   on CPU."""
   if cfg.attention != "auto":
     return cfg.attention
   backend = backend or jax.default_backend()
-  if backend == "tpu" and cfg.causal and splash_block(cfg.seq_len):
+  if backend == "tpu" and device_kind is None:
+    device_kind = jax.devices()[0].device_kind
+  if backend == "tpu" and not (device_kind or "").startswith(NO_SPLASH) and cfg.causal and splash_block(cfg.seq_len):
     return "splash"
   if backend != "cpu":
     return "xla"

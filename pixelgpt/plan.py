@@ -226,7 +226,8 @@ def define_flags(fv):
   flags.DEFINE_integer("num_slices", None, "Slices joined over DCN (default: config.mesh.dcn_data).", flag_values=fv)
   flags.DEFINE_list("batch_sizes", None, "Global batch sizes to try: a list (128,256) or a range of powers of two "
                     "(128-1024). Default: the config's.", flag_values=fv)
-  flags.DEFINE_list("remat", list(config_lib.REMAT_POLICIES), "Remat policies to try.", flag_values=fv)
+  flags.DEFINE_list("remat", None, "Remat policies to try (default: the config's and 'full'; each one adds a "
+                    "compile per layout).", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.", flag_values=fv)
   flags.DEFINE_string("cache_dir", CACHE_DIR, "Where compile reports are cached ('' for no cache).", flag_values=fv)
 
@@ -251,15 +252,16 @@ def parse_batch_sizes(values: list[str] | None, default: int) -> list[int]:
 def main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
   cli.require(fv, "config", "topology")
-  unknown = [r for r in fv.remat if r not in config_lib.REMAT_POLICIES]
+  config = fv.config
+  remats = list(dict.fromkeys(fv.remat or [config.model.remat, "full"]))
+  unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
   if unknown:
     raise UserError(f"--remat takes {', '.join(config_lib.REMAT_POLICIES)}; got {', '.join(unknown)}")
-  config = fv.config
   num_slices = config.mesh.dcn_data if fv.num_slices is None else fv.num_slices
   config = config_lib.override(config, {"mesh.dcn_data": num_slices})
   topology = compile_lib.parse_topology(fv.topology, num_slices)
   ranked = plan(config, topology, batch_sizes=parse_batch_sizes(fv.batch_sizes, config.batch_size),
-                remats=list(fv.remat), cache_dir=fv.cache_dir or None)
+                remats=remats, cache_dir=fv.cache_dir or None)
   if fv.json:
     rows = [candidate_row(c) for c in ranked]
     print(json.dumps({"topology": topology.name, "num_slices": num_slices, "candidates": rows,

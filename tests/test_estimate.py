@@ -145,3 +145,14 @@ def test_splash_attention_compiles_for_v5p_at_4096_tokens_with_its_flops_counted
   assert compiled.setup.model.cfg.causal
   without = hlo.analyse(compiled.executable.as_text(), 4).flops
   assert analysis.flops - without == pytest.approx(attention, rel=1e-6)
+
+
+def test_splash_where_mosaic_cannot_compile_it_is_one_line_and_auto_picks_xla_there(capsys):
+  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
+  args = ["pixelgpt", "compile", "--config=configs/smoke.py", "--topology=v3-8", "--config.dataset.resolution=32",
+          "--config.model.dtype=bfloat16"]
+  assert cli.main([*args, "--config.model.attention=splash"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "does not compile for TPU v3" in err
+  assert _compiled("v3-8", **{"mesh.fsdp": 8, "dataset.resolution": 32}).config.model.attention == "xla"
+  assert _compiled("v4-8", **{"mesh.fsdp": 4, "dataset.resolution": 32}).config.model.attention == "splash"
