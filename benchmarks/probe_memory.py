@@ -22,7 +22,8 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-impor
 WIDTH, LAYERS, RESOLUTION, BATCH = 1024, 1, 4, 256
 N_TRAIN, N_TEST = 60_000, 10_000
 CONFIG = ["--config", "configs/fashion_mnist.py", f"--config.model.d_model={WIDTH}", f"--config.model.n_layer={LAYERS}",
-          "--config.model.n_head=8", f"--config.batch_size={BATCH}", f"--config.dataset.resolution={RESOLUTION}"]
+          "--config.model.n_head=8", f"--config.batch_size={BATCH}", f"--config.dataset.resolution={RESOLUTION}",
+          "--config.fewshot.layers=()"]
 
 
 def _pixelgpt(*args) -> str:
