@@ -58,30 +58,50 @@ def main():
   with open(os.path.join(workdir, "probe.json")) as f:
     probe = json.load(f)
   payload = {"machine": m, "model": {"n_layer": LAYERS, "d_model": WIDTH, "resolution": RESOLUTION},
-             "train_examples": N_TRAIN, "test_examples": N_TEST, "one_layer_gib": layer_gib,
+             "train_examples": N_TRAIN, "test_examples": N_TEST, "padded_rows": padded, "one_layer_gib": layer_gib,
              "baseline_rss_gib": baseline, "rows": rows, "probe_test_accuracy_after_1_step": probe["test_accuracy"]}
+  print(f"-> {common.write('probe_memory', payload, markdown(payload))}")
+
+
+def markdown(payload: dict) -> str:
+  """The results table, and the formula the measurement gives (`--render` rebuilds it from the saved JSON)."""
+  baseline, layer_gib, rows = payload["baseline_rss_gib"], payload["one_layer_gib"], payload["rows"]
+  # What the peak holds beyond the baseline and the features of one pass: the classifier's working set (one
+  # layer's features standardised, and the fit's temporaries), in units of one layer's features.
+  extra = [r["peak_rss_gib"] - baseline - r["features_gib"] for r in rows]
+  fit_layers = sum(extra) / len(extra) / layer_gib
   lines = [
       "# Probe memory: peak host RSS of `pixelgpt probe`",
       "",
       f"`python benchmarks/probe_memory.py`: Fashion-MNIST, {N_TRAIN:,} train / {N_TEST:,} test images at "
       f"{RESOLUTION}×{RESOLUTION}, a {LAYERS} × {WIDTH} model, batch {BATCH}, one CPU device (its memory is host "
-      "memory: the worst case). "
-      f"Machine: {common.describe(m)}.",
+      f"memory: the worst case). Machine: {common.describe(payload['machine'])}.",
       "",
-      f"One layer's training features: {padded:,} rows × {WIDTH} × 4 bytes = {layer_gib:.3f} GiB. Baseline (the "
-      f"same process doing `pixelgpt eval` on 256 images: interpreter, JAX, model, dataset): {baseline:.2f} GiB.",
+      f"One layer's training features: {payload.get('padded_rows', 60_160):,} rows × {WIDTH} × 4 bytes = "
+      f"{layer_gib:.3f} GiB. Baseline (the same process doing `pixelgpt eval` on 256 images: interpreter, JAX, "
+      f"model, dataset): {baseline:.2f} GiB.",
       "",
-      "| setting | layers per pass | features held (GiB) | peak RSS (GiB) | baseline + features (GiB) |",
+      "| setting | layers per pass | features held (GiB) | peak RSS (GiB) | peak − baseline − features (GiB) |",
       "|---|---|---|---|---|",
   ]
-  for r in rows:
+  for r, e in zip(rows, extra):
     lines.append(f"| {r['setting']} (--feature_memory_gib {r['feature_memory_gib']:g}) | {r['layers_per_pass']} | "
-                 f"{r['features_gib']:.3f} | {r['peak_rss_gib']:.2f} | {baseline + r['features_gib']:.2f} |")
-  lines += ["", "Formula (README): peak host memory ≈ baseline + layers_per_pass × N × d × 4 bytes / processes on a "
-            "CPU; on accelerators the features sit in device memory, layers_per_pass × N × d × 4 / data-parallel "
-            "devices each, and the host holds one batch."]
-  print(f"-> {common.write('probe_memory', payload, chr(10).join(lines) + chr(10))}")
+                 f"{r['features_gib']:.3f} | {r['peak_rss_gib']:.2f} | {e:.2f} |")
+  lines += ["", f"One pass less (a layer's features fewer) lowers the peak by "
+            f"{rows[0]['peak_rss_gib'] - rows[1]['peak_rss_gib']:.2f} GiB (one layer: {layer_gib:.2f}); beyond the "
+            f"features the peak holds {sum(extra) / len(extra):.2f} GiB in both settings = {fit_layers:.1f} layers' "
+            "worth: the classifier fitting one layer at a time (its standardised copy and the solver's temporaries).",
+            "",
+            f"Formula: peak memory ≈ baseline + (layers_per_pass + {fit_layers:.0f}) × N × d × 4 bytes, divided over "
+            "the data-parallel devices (on a CPU, host memory; on accelerators, device memory, with one batch on "
+            "the host)."]
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:] == ["--render"]:
+    with open(os.path.join(common.RESULTS, "probe_memory.json")) as f:
+      saved = json.load(f)
+    print(f"-> {common.write('probe_memory', saved, markdown(saved))}")
+  else:
+    main()
