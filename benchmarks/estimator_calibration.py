@@ -22,45 +22,40 @@ from pixelgpt import compile as compile_lib  # pylint: disable=g-import-not-at-t
 from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pixelgpt import estimate as estimate_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-MAXTEXT = "AI-Hypercomputer/maxtext"
+def _source(generation: str, run: str) -> str:
+  return f"AI-Hypercomputer/maxtext MaxText/configs/{generation}/README.md @0ed7bd5; run: configs/{generation}/{run}"
+
+
+# pixelgpt's nearest models to MaxText's (global_parameter_scale 16, 32, 64): width, depth, heads, MLP.
+MODEL_16B = {"model.d_model": 4096, "model.n_layer": 32, "model.n_head": 32, "model.mlp_ratio": 10}
+MODEL_32B = {"model.d_model": 8192, "model.n_layer": 32, "model.n_head": 64, "model.mlp_ratio": 5}
+MODEL_64B = {**MODEL_32B, "model.n_layer": 64}
+V5P_MESH = {"mesh.fsdp": 16, "mesh.tensor": 4}
+V5E_MESH = {"mesh.fsdp": 256, "mesh.tensor": 1}
+DIFFERS_16B = "attention 4·d² = 67M vs 4·d·8192 = 134M weights per layer (64 heads of 128 on d=4096); MLP 336M vs 352M"
 # name, topology, slices, published MFU, source, pixelgpt overrides, what differs from MaxText's model.
 ANCHORS = [
-    ("32B", "v5p-128", 1, 0.7147,
-     f"{MAXTEXT} MaxText/configs/v5p/README.md @0ed7bd5; run: configs/v5p/32b.sh (per_device_batch 6, "
-     "ici_tensor 4, remat minimal)",
-     {"model.d_model": 8192, "model.n_layer": 32, "model.n_head": 64, "model.mlp_ratio": 5, "batch_size": 384,
-      "mesh.fsdp": 16, "mesh.tensor": 4, "model.remat": "full"},
+    ("32B", "v5p-128", 1, 0.7147, _source("v5p", "32b.sh (per_device_batch 6, ici_tensor 4, remat minimal)"),
+     {**MODEL_32B, **V5P_MESH, "batch_size": 384},
      "MLP 2·5·d² = 671M vs SwiGLU 3·d·28672 = 705M weights per layer; remat full, where MaxText keeps the "
      "matmul outputs ('minimal'): kept so (dots_no_batch) they need 123 GiB of the 96 here, so the forward pass "
      "runs twice and the estimate pays ~1/3 more FLOPs than MaxText did"),
-    ("64B", "v5p-128", 1, 0.7031,
-     f"{MAXTEXT} MaxText/configs/v5p/README.md @0ed7bd5; run: configs/v5p/64b.sh (per_device_batch 3, "
-     "ici_tensor 4, remat minimal)",
-     {"model.d_model": 8192, "model.n_layer": 64, "model.n_head": 64, "model.mlp_ratio": 5, "batch_size": 192,
-      "mesh.fsdp": 16, "mesh.tensor": 4, "model.remat": "full"},
+    ("64B", "v5p-128", 1, 0.7031, _source("v5p", "64b.sh (per_device_batch 3, ici_tensor 4, remat minimal)"),
+     {**MODEL_64B, **V5P_MESH, "batch_size": 192},
      "MLP 671M vs 705M weights per layer; remat full for minimal (as above: 127 GiB otherwise)"),
-    ("32B", "v5e-256", 1, 0.6686,
-     f"{MAXTEXT} MaxText/configs/v5e/README.md @0ed7bd5; run: configs/v5e/32b.sh (per_device_batch 4, fsdp 256, "
-     "remat full)",
-     {"model.d_model": 8192, "model.n_layer": 32, "model.n_head": 64, "model.mlp_ratio": 5, "batch_size": 1024,
-      "mesh.fsdp": 256, "mesh.tensor": 1, "model.remat": "full"},
-     "MLP 671M vs 705M weights per layer"),
-    ("16B", "v5e-256", 1, 0.6110,
-     f"{MAXTEXT} MaxText/configs/v5e/README.md @0ed7bd5; run: configs/v5e/16b.sh (per_device_batch 6, fsdp 256, "
-     "remat full)",
-     {"model.d_model": 4096, "model.n_layer": 32, "model.n_head": 32, "model.mlp_ratio": 10, "batch_size": 1536,
-      "mesh.fsdp": 256, "mesh.tensor": 1, "model.remat": "full"},
-     "attention 4·d² = 67M vs 4·d·8192 = 134M weights per layer (64 heads of 128 on d=4096); MLP 336M vs 352M"),
+    ("32B", "v5e-256", 1, 0.6686, _source("v5e", "32b.sh (per_device_batch 4, fsdp 256, remat full)"),
+     {**MODEL_32B, **V5E_MESH, "batch_size": 1024}, "MLP 671M vs 705M weights per layer"),
+    ("16B", "v5e-256", 1, 0.6110, _source("v5e", "16b.sh (per_device_batch 6, fsdp 256, remat full)"),
+     {**MODEL_16B, **V5E_MESH, "batch_size": 1536}, DIFFERS_16B),
     ("16B", "v5e-256", 2, 0.5937,
-     f"{MAXTEXT} MaxText/configs/v5e/README.md @0ed7bd5 (2 × v5e-256); run: configs/v5e/16b.sh",
-     {"model.d_model": 4096, "model.n_layer": 32, "model.n_head": 32, "model.mlp_ratio": 10, "batch_size": 3072,
-      "mesh.fsdp": 256, "mesh.tensor": 1, "mesh.dcn_data": 2, "model.remat": "full"},
-     "as above; data parallel over 2 slices"),
+     "AI-Hypercomputer/maxtext MaxText/configs/v5e/README.md @0ed7bd5 (2 × v5e-256); run: configs/v5e/16b.sh",
+     {**MODEL_16B, **V5E_MESH, "batch_size": 3072, "mesh.dcn_data": 2}, "as above; data parallel over 2 slices"),
 ]
 # 48² = 2304 tokens: the square nearest 2048 in whole 128-token blocks, so that splash attention runs as MaxText's
 # flash attention does (no T×T scores in HBM).
+# Remat full everywhere: MaxText's v5e runs use it, and its v5p 'minimal' does not fit here (see those rows).
 COMMON = {"dataset.resolution": 48, "dataset.channels": 3, "palette.size": 32000, "model.dtype": "bfloat16",
-          "model.attention": "splash", "mesh.data": 1}
+          "model.attention": "splash", "mesh.data": 1, "model.remat": "full"}
 
 
 def main():

@@ -122,8 +122,8 @@ class Compiled:
     causal = self.setup.model.cfg.causal
     for k in analysis.kernels:
       # q: the kernel's first floating-point operand of [..., T, head_dim] (the mask tables before it are ints).
-      q = next((hlo.dims(s) for s in k.operands if s.startswith(("bf16", "f16", "f32")) and len(hlo.dims(s)) >= 3),
-               None)
+      floats = (hlo.dims(s) for s in k.operands if s.startswith(("bf16", "f16", "f32")))
+      q = next((d for d in floats if len(d) >= 3), None)
       if q:
         analysis.flops += k.count * model_lib.splash_flops(k.name, tuple(q), causal)
     return analysis
@@ -201,7 +201,8 @@ def compile_train_step(config, topology: Topology, *, mfu: float = 0.5) -> dict:
     # device assignment, which is the mesh's devices in order.
     report["estimate"] = estimate_lib.estimate(
         c.analysis(), devices=list(mesh.devices.flat), torus=topology.torus, generation=topology.generation.name,
-        devices_per_chip=topology.generation.devices_per_chip, model_flops_per_device=flops_per_step / len(devices))
+        devices_per_chip=topology.generation.devices_per_chip, model_flops_per_device=flops_per_step / len(devices),
+        tokens_per_step=tokens_per_step)
     if report["estimate"]:
       report["host_images_per_sec"] = max(rows) / report["estimate"]["step_s"]
   return report
@@ -225,7 +226,7 @@ def format_report(r: dict, label: str) -> str:
     ms = lambda s: f"{1e3 * s:,.1f}"
     lines.append(f"  estimate (from the compiled program, not a measurement): {ms(e['step_s'])} ms/step = max(compute "
                  f"{ms(e['compute_s'])}, HBM {ms(e['hbm_s'])}, ICI {ms(e['ici_s'])} + DCN {ms(e['dcn_s'])}) -> "
-                 f"MFU {e['mfu']:.0%}, {r['tokens_per_step'] / e['step_s']:,.0f} tokens/s; bottleneck "
+                 f"MFU {e['mfu']:.0%}, {e['tokens_per_sec']:,.0f} tokens/s; bottleneck "
                  f"{e['bottleneck']}; {ms(e['serial_s'])} ms with nothing overlapped")
     moved = ", ".join(f"{kind} {b / GIB:.2f} GiB" for kind, b in e["collective_bytes"].items() if b)
     lines.append(f"  collectives per device per step: {moved or 'none'}")

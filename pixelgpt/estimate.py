@@ -19,7 +19,6 @@ wherever they are shown; only a run on the pod measures.
 """
 
 import dataclasses
-import math
 
 from pixelgpt import hlo
 
@@ -83,7 +82,7 @@ def _seconds(c: hlo.Collective, bandwidth: float) -> float:
 
 
 def estimate(analysis: hlo.Analysis, *, devices: list, torus: tuple, generation: str, devices_per_chip: int,
-             model_flops_per_device: float) -> dict | None:
+             model_flops_per_device: float, tokens_per_step: int) -> dict | None:
   """The step-time estimate of one compiled train step (per device: every device runs the same program), or None
   for a generation without published figures."""
   chip = CHIPS.get(generation)
@@ -106,7 +105,8 @@ def estimate(analysis: hlo.Analysis, *, devices: list, torus: tuple, generation:
   step_s = max(compute_s, hbm_s, ici_s + dcn_s)
   terms = {"compute": compute_s, "hbm": hbm_s, "ici": ici_s, "dcn": dcn_s}
   return {
-      "step_s": step_s, "mfu": model_flops_per_device / (step_s * peak), "compute_s": compute_s, "hbm_s": hbm_s,
+      "step_s": step_s, "mfu": model_flops_per_device / (step_s * peak), "tokens_per_sec": tokens_per_step / step_s,
+      "compute_s": compute_s, "hbm_s": hbm_s,
       "ici_s": ici_s, "dcn_s": dcn_s, "serial_s": max(compute_s, hbm_s) + ici_s + dcn_s,
       "bottleneck": max(terms, key=terms.get), "collective_bytes": hlo.collective_bytes(analysis),
       "flops_per_device": analysis.flops, "hbm_bytes_per_device": analysis.hbm_bytes,
@@ -115,7 +115,3 @@ def estimate(analysis: hlo.Analysis, *, devices: list, torus: tuple, generation:
       "unknown_trip_counts": analysis.unknown_trip_counts,
   }
 
-
-def tokens_per_second(report: dict) -> float:
-  e = report.get("estimate")
-  return report["tokens_per_step"] / e["step_s"] if e else math.nan

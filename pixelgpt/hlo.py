@@ -180,10 +180,11 @@ def _trip_count(loop: Instruction, caller: list[Instruction], computations: dict
       update = _through_copies(root.operands[k], body)
       if update is not None and update.opcode == "add":
         step = next((c for c in (_int_constant(_through_copies(o, body)) for o in update.operands) if c), 1)
-    init = {x.name: x for x in caller}.get(loop.operands[0]) if loop.operands else None
+    outside = {x.name: x for x in caller}
+    init = outside.get(loop.operands[0]) if loop.operands else None
     first = 0
     if init is not None and init.opcode == "tuple" and k < len(init.operands):
-      first = _int_constant(_through_copies(init.operands[k], {x.name: x for x in caller})) or 0
+      first = _int_constant(_through_copies(init.operands[k], outside)) or 0
     return max(0, -(-(bound - first) // step))
   return None
 
@@ -222,16 +223,16 @@ def _counts(computations: dict[str, list[Instruction]], entry: str) -> tuple[dic
 
 def _window(attributes: str, spatial: int) -> list[dict]:
   """Per spatial dimension of a convolution: size, stride, low padding, lhs and rhs dilation."""
-  dims = [{"size": 1, "stride": 1, "pad": 0, "lhs_dilate": 1, "rhs_dilate": 1} for _ in range(spatial)]
+  per_dim = [{"size": 1, "stride": 1, "pad": 0, "lhs_dilate": 1, "rhs_dilate": 1} for _ in range(spatial)]
   window = re.search(r"window=\{([^}]*)\}", attributes)
   for field in (window.group(1).split() if window else []):
     key, _, value = field.partition("=")
-    for d, v in zip(dims, value.split("x")):
+    for d, v in zip(per_dim, value.split("x")):
       if key == "pad":
         d["pad"] = int(v.split("_")[0])
       elif key in d:
         d[key] = int(v)
-  return dims
+  return per_dim
 
 
 def _valid_taps(in_size: int, out_size: int, w: dict) -> int:

@@ -14,6 +14,7 @@ fsdp) run the same local program: their bound rises to 95% of its max(compute, H
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ from pixelgpt import config as config_lib
 from pixelgpt import estimate as estimate_lib
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
+from pixelgpt import storage
 from pixelgpt import sweep
 from pixelgpt.errors import UserError
 
@@ -58,7 +60,7 @@ class Candidate:
   @property
   def tokens_per_sec(self) -> float:
     e = self.report and self.report.get("estimate")
-    return self.report["tokens_per_step"] / e["step_s"] if e and self.report["fits"] else 0.0
+    return e["tokens_per_sec"] if e and self.report["fits"] else 0.0
 
   def flags(self) -> str:
     return " ".join(f"--config.{k}={v}" for k, v in self.overrides.items())
@@ -111,8 +113,10 @@ def lower_bound_s(config, c: Candidate, topology: compile_lib.Topology, params: 
   return max(compute, moved / (links * 2 * chip.ici_link / g.devices_per_chip))
 
 
-def _cache_key(config, topology: compile_lib.Topology) -> str:
-  """Config, topology, and what compiled it: jax, libtpu and pixelgpt's own source."""
+@functools.lru_cache(maxsize=1)
+def _compiler_identity() -> str:
+  """jax, jaxlib and libtpu versions and a hash of pixelgpt's own source: what a cached report was compiled with.
+  Read once per process (a plan asks for every candidate)."""
   versions = []
   for package in ("jax", "jaxlib", "libtpu"):
     try:
@@ -120,27 +124,27 @@ def _cache_key(config, topology: compile_lib.Topology) -> str:
     except importlib.metadata.PackageNotFoundError:
       versions.append("-")
   source = hashlib.sha256()
-  package_dir = os.path.dirname(os.path.abspath(__file__))
+  package_dir = os.path.dirname(os.path.abspath(__file__))  # the installed package: always local
   for name in sorted(os.listdir(package_dir)):
     if name.endswith(".py"):
       with open(os.path.join(package_dir, name), "rb") as f:
         source.update(f.read())
-  text = json.dumps([config_lib.to_json(config), topology.name, topology.num_slices, versions, source.hexdigest()])
+  return json.dumps([versions, source.hexdigest()])
+
+
+def _cache_key(config, topology: compile_lib.Topology) -> str:
+  text = json.dumps([config_lib.to_json(config), topology.name, topology.num_slices, _compiler_identity()])
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def compile_cached(config, topology: compile_lib.Topology, cache_dir: str | None = CACHE_DIR) -> tuple[dict, bool]:
-  """(the compile report, whether it came from the cache)."""
-  path = os.path.join(cache_dir, f"{_cache_key(config, topology)}.json") if cache_dir else None
-  if path and os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), True
+  """(the compile report, whether it came from the cache). The cache may be on gs:// like any user path."""
+  path = storage.path(cache_dir) / f"{_cache_key(config, topology)}.json" if cache_dir else None
+  if path and path.exists():
+    return json.loads(path.read_text()), True
   report = compile_lib.compile_train_step(config, topology)
   if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, json.dumps(report))
   return report, False
 
 
@@ -149,16 +153,16 @@ def plan(config, topology: compile_lib.Topology, *, batch_sizes: list[int], rema
   """Every candidate, ranked: estimated tokens/s of those that fit first, then the rest with why."""
   everything = candidates(config, topology, batch_sizes, remats)
   params = sweep.param_counts(config)[1]  # the same for every layout
+  tokens = config_lib.seq_len(config)
   runnable = []
   for c in everything:
     c.status = refusal(config, c, topology.num_slices) or "pending"
     if c.status == "pending":
       bound = lower_bound_s(config, c, topology, params)
-      c.bound_tokens_per_sec = c.batch_size * config_lib.seq_len(config) / bound if bound else math.inf
+      c.bound_tokens_per_sec = c.batch_size * tokens / bound if bound else math.inf
       runnable.append(c)
   runnable.sort(key=lambda c: -c.bound_tokens_per_sec)  # the most promising first: later ones often cannot win
   best, roofs = 0.0, {}
-  tokens = config_lib.seq_len(config)
   bar = tqdm(runnable, desc=f"plan {topology.name}", unit="candidate", disable=not progress, file=sys.stderr)
   for c in bar:
     # Layouts that differ only in how data and fsdp split the same data-parallel devices run the same local
@@ -191,8 +195,7 @@ def candidate_row(c: Candidate) -> dict:
   return {"overrides": c.overrides, "flags": c.flags(), "status": c.status, "fits": r.get("fits"),
           "per_device_bytes": (r.get("per_device_bytes") or {}).get("total"),
           "tokens_per_sec_bound": c.bound_tokens_per_sec if math.isfinite(c.bound_tokens_per_sec) else None,
-          "estimate": ({k: v for k, v in e.items() if k != "chip"} | {"tokens_per_sec": c.tokens_per_sec})
-          if e else None}
+          "estimate": {k: v for k, v in e.items() if k != "chip"} if e else None}
 
 
 def format_table(ranked: list[Candidate], topology: compile_lib.Topology) -> str:
