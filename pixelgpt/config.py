@@ -27,6 +27,11 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.sample_every = 0  # 0: only at the end of training
+  # A JAX profiler trace of profile_steps train steps into W/profile (`pixelgpt profile` summarises it), from
+  # profile_start_step (0: the session's second step, once the first has warmed up).
+  c.profile_steps = 0
+  c.profile_start_step = 0
+  c.profile_all_hosts = False  # every process traces its own host (default: process 0 only)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"
@@ -104,7 +109,8 @@ def validate(config) -> None:
   for key in positive:
     value = get(config, key)
     _check(isinstance(value, int) and value > 0, f"config.{key} must be a positive integer, got {value!r}")
-  for key in ["eval_every", "checkpoint_every", "sample_every", "optim.warmup_steps", "dataset.eval_examples",
+  for key in ["eval_every", "checkpoint_every", "sample_every", "profile_steps", "profile_start_step",
+              "optim.warmup_steps", "dataset.eval_examples",
               "dataset.worker_count"]:
     value = get(config, key)
     _check(isinstance(value, int) and value >= 0, f"config.{key} must be an integer >= 0, got {value!r}")

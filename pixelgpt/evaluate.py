@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pixelgpt import checkpoint as ckpt_lib
 from pixelgpt import config as config_lib
+from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
 from pixelgpt import probe as probe_lib
@@ -41,11 +42,6 @@ def _open_run(fv):
   return cli.open_workdir(fv)
 
 
-def _require_workdir(fv):
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "workdir")
-
-
 def _split_config(config, split: str, examples: int = 0):
   """The run's config reading `split` in order, as the eval pass does (all of it unless `examples`)."""
   return config_lib.override(config, {"dataset.eval_split": split, "dataset.eval_examples": examples})
@@ -59,7 +55,6 @@ def eval_flags(fv):
 
 
 def eval_main(fv):
-  _require_workdir(fv)
   run = _open_run(fv)
   with sharding_lib.activate(run.mesh):
     nll = train.evaluate(run.config, run.setup, run.params, run.palette, run.mesh)
@@ -71,6 +66,8 @@ def eval_main(fv):
   print(f"pixelgpt eval: step {run.step}, {run.config.dataset.name}/{run.config.dataset.eval_split}: held-out "
         f"{what} {nll:.4f} nats/token = {nll / math.log(2):.4f} bits/token")
   print(json.dumps(result))
+  name = metrics_lib.tag(f"{run.config.dataset.name}_{run.config.dataset.eval_split}")
+  metrics_lib.add_to_tensorboard(fv.workdir, run.step, "eval", scalars={f"eval/{name}_loss": nll})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,8 +121,6 @@ def score_flags(fv):
 
 
 def score_main(fv):
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "workdir", "tokens", "out")
   tokens_path = storage.usable(fv.tokens, what="--tokens")
   if not tokens_path.exists():
     raise UserError(f"--tokens file not found: {fv.tokens}")
@@ -224,7 +219,6 @@ def probe_flags(fv):
 
 
 def probe_main(fv):
-  _require_workdir(fv)
   run = _open_run(fv)
   layers = None
   if fv.layers:
@@ -247,6 +241,11 @@ def probe_main(fv):
   print(f"{'pixels':>8} {100 * px['val_accuracy']:7.2f}%  (baseline: test accuracy {100 * px['test_accuracy']:.2f}%)")
   w = storage.path(fv.workdir)
   print(f"-> {w / 'probe.json'}, {w / 'probe.png'}")
+  name = metrics_lib.tag(result["dataset"])
+  metrics_lib.add_to_tensorboard(fv.workdir, run.step, "probe", scalars={
+      **{f"probe/{name}_layer_{row['layer']}_val_accuracy": row["val_accuracy"] for row in result["layers"]},
+      f"probe/{name}_test_accuracy": result["test_accuracy"], f"probe/{name}_best_layer": result["best_layer"],
+      f"probe/{name}_pixels_test_accuracy": px["test_accuracy"]})
 
 
 def linear_probe(run, workdir, *, train_examples: int = 0, test_examples: int = 0, layers=None,
@@ -329,7 +328,6 @@ def finetune_flags(fv):
 
 def finetune_main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "workdir", "out")
   result = finetune(fv.workdir, fv.out, steps=fv.steps, lr=fv.lr, overrides=cli.config_overrides(fv))
   if jax.process_index() != 0:
     return

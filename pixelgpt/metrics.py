@@ -7,6 +7,7 @@ MFU = model FLOPs per step / (step time × devices × peak FLOP/s per device), c
 import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -164,6 +165,38 @@ class _ObjectEventFiles:
     del path  # object stores have no directories
 
 
+def tensorboard_writer(workdir, step: int, *, purge: bool = False, suffix: str = ""):
+  """A tensorboardX SummaryWriter on W/tb (local or gs://) whose event file is named after `step`."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory("gs", _ObjectEventFiles())
+  # Zero-padded steps in the name keep event files in the order TensorBoard reads them (by name).
+  return SummaryWriter(os.fspath(storage.path(workdir) / "tb"), purge_step=step if purge else None,
+                       filename_suffix=f".{step:09d}{suffix}")
+
+
+def add_to_tensorboard(workdir, step: int, kind: str, *, scalars: dict | None = None,
+                       images: dict | None = None):
+  """What a command (eval, probe, sample) found about the checkpoint at `step`, as its own event file in W/tb
+  (named after `kind`: the trainer's files are never rewritten by another process). Best effort: a workdir the
+  user may read but not write (someone else's bucket) gets one line on stderr, and the command's result stands."""
+  try:
+    tb = tensorboard_writer(workdir, step, suffix=f".{kind}")
+    for tag, value in (scalars or {}).items():
+      tb.add_scalar(tag, float(value), step)
+    for tag, grid in (images or {}).items():
+      tb.add_image(tag, grid, step, dataformats="HWC")
+    tb.close()
+  except Exception as e:  # pylint: disable=broad-except  (any storage failure: local, gcsfs or google-cloud)
+    print(f"pixelgpt: note: could not add the {kind} result to {storage.path(workdir) / 'tb'}: {e}",
+          file=sys.stderr)
+
+
+def tag(name: str) -> str:
+  """A TensorBoard tag part from a free name ('folder:/data/x' -> 'folder_data_x')."""
+  return "_".join(part for part in re.split(r"[^A-Za-z0-9]+", name) if part)
+
+
 class MetricWriter:
   """Writes on process 0 only: metrics.jsonl (one object per logged step), TensorBoard, a progress bar.
 
@@ -190,12 +223,7 @@ class MetricWriter:
                      dynamic_ncols=True, mininterval=1.0)
 
   def _open_tensorboard(self, step: int, *, purge: bool = False):
-    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    record_writer.register_writer_factory("gs", _ObjectEventFiles())
-    # Zero-padded steps in the name keep event files in the order TensorBoard reads them (by name).
-    self._tb = SummaryWriter(os.fspath(self._dir / "tb"), purge_step=step if purge else None,
-                             filename_suffix=f".{step:09d}")
+    self._tb = tensorboard_writer(self._dir, step, purge=purge)
 
   def advance(self, steps: int = 1):
     if self._bar is not None:
@@ -216,6 +244,11 @@ class MetricWriter:
     shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items()
              if k in ("train/loss", "eval/loss", "perf/mfu", "perf/tokens_per_sec")}
     self._bar.set_postfix(shown, refresh=False)
+
+  def image(self, step: int, tag: str, grid: np.ndarray):
+    """A [H, W, C] uint8 image (a sample grid) in TensorBoard at `step`."""
+    if self.enabled:
+      self._tb.add_image(tag, grid, step, dataformats="HWC")
 
   def seal(self, step: int):
     """Moves the tail into metrics.jsonl (rewritten whole) and starts a new TensorBoard event file."""

@@ -253,8 +253,6 @@ def parse_batch_sizes(values: list[str] | None, default: int) -> list[int]:
 
 
 def main(fv):
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "config", "topology")
   config = fv.config
   remats = list(dict.fromkeys(fv.remat or [config.model.remat, "full"]))
   unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
 from pixelgpt import storage
@@ -79,8 +80,9 @@ def tokens_to_images(tokens: np.ndarray, palette: np.ndarray, resolution: int) -
   return palette_lib.to_uint8(pixels.reshape(len(tokens), resolution, resolution, palette.shape[1]))
 
 
-def save_grid(images: np.ndarray, path, *, columns: int, min_size: int = 256) -> None:
-  """Tiles [N, H, W, C] uint8 images with 1-pixel gaps, upscaled (nearest) so the grid is >= min_size wide."""
+def tile(images: np.ndarray, *, columns: int, min_size: int = 256) -> np.ndarray:
+  """Tiles [N, H, W, C] uint8 images with 1-pixel gaps into one [H', W', C] grid, upscaled (nearest) so it is
+  >= min_size wide."""
   n, h, w, c = images.shape
   rows = -(-n // columns)
   grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 255, np.uint8)
@@ -88,9 +90,15 @@ def save_grid(images: np.ndarray, path, *, columns: int, min_size: int = 256) ->
     r, col = divmod(i, columns)
     grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
   scale = max(1, -(-min_size // grid.shape[1]))
-  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-  image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
+def save_grid(images: np.ndarray, path, *, columns: int, min_size: int = 256) -> np.ndarray:
+  """Writes tile(images) as a PNG at `path` and returns the grid (for TensorBoard)."""
+  grid = tile(images, columns=columns, min_size=min_size)
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   storage.write_png(storage.path(path), lambda f: image.save(f, format="PNG"))
+  return grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +126,6 @@ def sample_main(fv):
   from pixelgpt import config as config_lib  # pylint: disable=g-import-not-at-top
   from pixelgpt.data import pipeline  # pylint: disable=g-import-not-at-top
   from pixelgpt.errors import UserError  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "workdir")
   run = cli.open_workdir(fv)
   config, res = run.config, run.config.dataset.resolution
   if not run.setup.model.cfg.causal:
@@ -164,7 +171,8 @@ def sample_main(fv):
   kind = "completion" if fv.complete else "sample"
   out = (storage.path(fv.out) if fv.out else
          storage.path(fv.workdir) / "samples" / f"{kind}_step{run.step:06d}_seed{fv.seed}.png")
-  save_grid(images, out, columns=columns)
+  grid = save_grid(images, out, columns=columns)
+  metrics_lib.add_to_tensorboard(fv.workdir, run.step, kind, images={f"{kind}s/seed_{fv.seed}": grid})
   print(f"pixelgpt sample: {len(tokens)} {kind}s of {res}x{res} in {seconds:.2f}s = "
         f"{len(tokens) / seconds:.1f} samples/s (compiled once, key/value cache) -> {out}")
 

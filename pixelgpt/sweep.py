@@ -439,8 +439,6 @@ def _probe(runs: list[Run], statuses: dict, fv) -> None:
 
 
 def main(fv):
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "sweep", "root")
   local = fv.launcher == "local"
   workdir_root = fv.workdir_root or os.fspath(epath.Path(fv.root) / "runs")
   if not local and not workdir_root.startswith("gs://"):

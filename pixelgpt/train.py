@@ -22,15 +22,19 @@ import optax
 
 from pixelgpt import checkpoint as ckpt_lib
 from pixelgpt import config as config_lib
+from pixelgpt import goodput
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
 from pixelgpt import palette as palette_lib
+from pixelgpt import profile as profile_lib
 from pixelgpt import sample as sample_lib
 from pixelgpt import sharding as sharding_lib
 from pixelgpt import storage
 from pixelgpt.data import pipeline
 from pixelgpt.errors import Diverged, UserError
 
+# A log interval whose steps waited longer than this share of their time for input gets a warning.
+DATA_WAIT_WARNING = 0.05
 # Keys that fix the shapes of the parameters and the palette: a workdir cannot resume under other values.
 SHAPE_KEYS = ("dataset.resolution", "dataset.channels", "palette.size", "model.n_layer", "model.d_model",
               "model.n_head", "model.mlp_ratio", "model.use_bias", "model.scan_layers")
@@ -246,6 +250,7 @@ def _fewshot(evaluator, config, s: Setup, params, palette, mesh, step: int) -> d
 
 
 def write_samples(config, s: Setup, params, palette, workdir, step: int, num: int = 16):
+  """Writes W/samples/step_<step>.png on process 0; returns (its path, the grid) there, else None."""
   if not s.model.cfg.causal:
     return None  # the bert objective does not define left-to-right samples
   prefix = jnp.zeros((num, config_lib.seq_len(config)), jnp.int32)
@@ -255,20 +260,21 @@ def write_samples(config, s: Setup, params, palette, workdir, step: int, num: in
     return None
   images = sample_lib.tokens_to_images(np.asarray(tokens), palette, config.dataset.resolution)
   path = workdir / "samples" / f"step_{step:06d}.png"
-  sample_lib.save_grid(images, path, columns=int(np.ceil(np.sqrt(num))))
-  return path
+  return path, sample_lib.save_grid(images, path, columns=int(np.ceil(np.sqrt(num))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------------------------
-def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict:
+def run(config, workdir, *, stop_after: int | None = None, devices=None, started: float | None = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics. `stop_after` ends the session
-  early at that step with a checkpoint, as a preemption would (tests use it for exact-resume checks)."""
+  early at that step with a checkpoint, as a preemption would (tests use it for exact-resume checks). `started`
+  (time.time() when the process started; default now) is where the session's goodput clock starts."""
   # --- Setup -------------------------------------------------------------------------------------------------
   config_lib.validate(config)
   workdir = storage.usable(workdir, what="--workdir")
   is_main = jax.process_index() == 0
+  clock = goodput.Recorder(workdir, started=time.time() if started is None else started, enabled=is_main)
   _check_same_shapes(config, workdir)
   config_json = config_lib.to_json(config)
 
@@ -288,8 +294,9 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
   s = setup(config, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   # --- Checkpoint restore: the newest intact one, onto this mesh; the data iterator to where it stopped ------
-  latest, state = checkpointer.restore_latest_good(s.abstract_state, data,
-                                                   report=lambda m: print(m, file=sys.stderr) if is_main else None)
+  with clock.time("restore"):
+    latest, state = checkpointer.restore_latest_good(
+        s.abstract_state, data, report=lambda m: print(m, file=sys.stderr) if is_main else None)
   if latest is None:
     state = s.init(jax.random.key(config.seed))
     start = 0
@@ -316,27 +323,46 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
       return {}
 
     # Compile ahead of the loop so that step timings never include compilation.
-    compile_start = time.perf_counter()
-    train_step = s.train_step.lower(state, abstract_batch(config, s)).compile()
-    writer.message(f"pixelgpt: train step compiled in {time.perf_counter() - compile_start:.1f}s")
+    with clock.time("compile"):
+      train_step = s.train_step.lower(state, abstract_batch(config, s)).compile()
+    writer.message(f"pixelgpt: train step compiled in {clock.seconds['compile']:.1f}s")
     tokens_per_step = config.batch_size * model_cfg.seq_len
+    tracer = profile_lib.Tracer(config, workdir, start_step=start, end_step=end)
 
     # --- Loop --------------------------------------------------------------------------------------------------
     # Metrics stay on device until a log or checkpoint step; then one host sync checks that every step since the
     # last check was finite, so a diverged state is never logged as fine nor saved.
     guard = PreemptionGuard()
     last, pending, interval, interval_start, skipped = {}, [], [], time.perf_counter(), 0
+    wait_warned, ending = False, "error"
+    clock.begin(start)
+    clock.record(start)
+    interval_wait = clock.seconds["data_wait"]
     try:
       for step in range(start + 1, end + 1):
-        batch = pipeline.to_global(next(data), s.batch_sharding, config.batch_size)
-        state, step_metrics = train_step(state, batch)
+        tracer.before(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          with clock.time("data_wait"), jax.profiler.TraceAnnotation(profile_lib.DATA_WAIT):
+            batch = pipeline.to_global(next(data), s.batch_sharding, config.batch_size)
+          with clock.time("train"):
+            state, step_metrics = train_step(state, batch)
+        if tracer.stopping(step):
+          with clock.time("train"):
+            jax.block_until_ready(state)
+          copy_start = time.perf_counter()
+          traced = tracer.stop(train_step)
+          interval_start += time.perf_counter() - copy_start  # the trace's copy is not a step's time
+          writer.message(f"pixelgpt: profile of steps {tracer.first}-{tracer.last} -> {traced} "
+                         f"(`pixelgpt profile --workdir {workdir}`)")
         pending.append((step, step_metrics))
         writer.advance()
         logging = step % config.log_every == 0 or step == end
         preempted = guard.requested(step)
         saving = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end or preempted
         if logging or saving:
-          fetched = jax.device_get(pending)
+          with clock.time("train"):  # where the host waits for the device to finish the steps
+            fetched = jax.device_get(pending)
+          paused = time.perf_counter()
           pending = []
           skipped += _check_finite(fetched, skip=config.optim.skip_nonfinite, writer=writer,
                                    last_checkpoint=checkpointer.latest_step())
@@ -344,41 +370,68 @@ def run(config, workdir, *, stop_after: int | None = None, devices=None) -> dict
         if logging:
           now = time.perf_counter()
           last = _interval_means(interval)
-          last.update(metrics_lib.perf_metrics((now - interval_start) / len(interval), tokens_per_step, model_cfg,
-                                               jax.device_count(), peak))
+          step_time = (now - interval_start) / len(interval)
+          last.update(metrics_lib.perf_metrics(step_time, tokens_per_step, model_cfg, jax.device_count(), peak))
+          last["perf/data_wait_s"] = (clock.seconds["data_wait"] - interval_wait) / len(interval)
+          # The session's first interval holds the pipeline's start-up: judged from the second on.
+          if (not wait_warned and step - start > len(interval)
+              and last["perf/data_wait_s"] > DATA_WAIT_WARNING * step_time):
+            wait_warned = True
+            writer.message(
+                f"pixelgpt: warning: step {step}: each step waited {1e3 * last['perf/data_wait_s']:.1f} ms of "
+                f"{1e3 * step_time:.1f} ms ({100 * last['perf/data_wait_s'] / step_time:.0f}%) for input; raise "
+                f"--config.dataset.worker_count (now {config.dataset.worker_count}) or read from faster storage")
           if config.optim.skip_nonfinite:
             last["train/skipped_steps"] = skipped
-          interval = []
+          interval, interval_wait = [], clock.seconds["data_wait"]
           evaluating = (config.eval_every and step % config.eval_every == 0) or step == config.total_steps
-          if evaluating:
-            last["eval/loss"] = evaluate(config, s, state.params, palette, mesh)
-          shots = fewshot_eval and (evaluating if not config.fewshot.every else step % config.fewshot.every == 0
-                                    or step == config.total_steps)
-          if shots:
-            last.update(_fewshot(fewshot_eval, config, s, state.params, palette, mesh, step))
+          with clock.time("eval"):
+            if evaluating:
+              last["eval/loss"] = evaluate(config, s, state.params, palette, mesh)
+            shots = fewshot_eval and (evaluating if not config.fewshot.every else step % config.fewshot.every == 0
+                                      or step == config.total_steps)
+            if shots:
+              last.update(_fewshot(fewshot_eval, config, s, state.params, palette, mesh, step))
+          last.update(goodput.metrics(clock.totals(step)))
           writer.write(step, last)
           if shots and is_main:  # the curves so far, restarts included, as one picture beside TensorBoard's
             fewshot.plot_curves(metrics_lib.read_metrics(workdir), workdir / "fewshot.png",
                                 f"few-shot linear accuracy on {config.dataset.name}")
-          interval_start = time.perf_counter()
         if saving:
-          checkpointer.save(step, state, data, config_json=config_json, palette=palette)
+          with clock.time("checkpoint"):
+            checkpointer.save(step, state, data, config_json=config_json, palette=palette)
+          clock.mark(step)
           writer.seal(step)
+        if logging or saving:
+          clock.record(step)
+          # What followed the steps (evaluations, writes, the save) is no step's time.
+          interval_start = time.perf_counter() if logging else interval_start + time.perf_counter() - paused
         if preempted:
-          checkpointer.wait()
+          with clock.time("checkpoint"):
+            checkpointer.wait()
           writer.message(f"pixelgpt: SIGTERM: saved a checkpoint at step {step} in {checkpointer.directory}; "
                          f"rerun the same command to resume")
           end = step
+          ending = "preempted (SIGTERM)"
           break
         if (config.sample_every and step % config.sample_every == 0) or step == config.total_steps:
-          path = write_samples(config, s, state.params, palette, workdir, step)
-          if path:
-            writer.message(f"pixelgpt: samples at step {step} -> {path}")
+          with clock.time("sample"):
+            written = write_samples(config, s, state.params, palette, workdir, step)
+          if written:
+            writer.image(step, "samples", written[1])
+            writer.message(f"pixelgpt: samples at step {step} -> {written[0]}")
           interval_start = time.perf_counter()
+      else:
+        ending = "finished" if end == config.total_steps else f"stopped at step {end}"
+    except Diverged:
+      ending = "diverged"
+      raise
     finally:
       guard.release()
-      checkpointer.close()  # also on divergence: the earlier, good checkpoint still finishes writing
-    writer.close()
+      with clock.time("checkpoint"):
+        checkpointer.close()  # also on divergence: the earlier, good checkpoint still finishes writing
+      writer.close()
+      clock.record(clock.session.step if ending in ("error", "diverged") else end, end=ending)
   if is_main:
     print(f"pixelgpt: step {end}: train/loss {last.get('train/loss', float('nan')):.4f}"
           + (f", eval/loss {last['eval/loss']:.4f}" if "eval/loss" in last else "")
@@ -398,5 +451,4 @@ def define_flags(fv):
 
 def main(fv):
   from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "config", "workdir")
-  run(fv.config, fv.workdir)
+  run(fv.config, fv.workdir, started=cli.STARTED)

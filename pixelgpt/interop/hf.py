@@ -351,8 +351,6 @@ def define_flags(fv):
 
 
 def main(fv):
-  from pixelgpt import cli  # pylint: disable=g-import-not-at-top
-  cli.require(fv, "workdir")
   if (fv.from_hf is None) == (fv.to_hf is None):
     raise UserError("give exactly one of --from_hf DIR_OR_HUB_ID and --to_hf DIR")
   overrides = config_flags.get_override_values(fv["config"])  # only the keys given on the command line

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -138,10 +139,18 @@ def test_divergence_stops_naming_the_step_and_never_saves_nan(tmp_path, skip):
     assert all(np.isfinite(x).all() for x in _leaves(_state(workdir, step)))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "meta"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
-  workdir = tmp_path / "w"
+@pytest.fixture(scope="module")
+def trained_to_8(tmp_path_factory):
+  """One run to step 8 with checkpoints at 4 and 8, which each damage test copies (and damages its own copy)."""
+  workdir = tmp_path_factory.mktemp("trained") / "w"
   _run(workdir, "--config.total_steps=8", "--config.checkpoint_every=4")
+  return workdir
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "meta"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, trained_to_8):
+  workdir = tmp_path / "w"
+  shutil.copytree(trained_to_8, workdir)
   if damage == "meta":
     victim = next(iter(glob.glob(str(workdir / "checkpoints" / "8" / "meta" / "*"))))
   else:
