@@ -113,25 +113,97 @@ def load_average() -> float:
   return os.getloadavg()[0]
 
 
-def machine() -> dict:
-  """What the numbers were measured on: CPU, cores, library versions, date, and the 1-minute load average."""
-  cpu = platform.processor() or platform.machine()
+# The instruction sets that decide CPU matmul speed: AVX-512 (and its bf16 dot products), Intel's AMX tiles.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo(field: str) -> str:
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith(field))
   except (OSError, StopIteration):
-    pass
+    return ""
+
+
+def machine_kind(cpu: str, flags: list[str]) -> str:
+  """A short name for the CPU kind, which results files carry: 'amd_epyc', 'intel_xeon_amx', ..."""
+  words = [w for w in "".join(c if c.isalnum() else " " for c in cpu.replace("(R)", "")).lower().split()
+           if w in ("amd", "epyc", "intel", "xeon", "ryzen", "core", "arm", "neoverse")]
+  return "_".join(words[:2] or ["cpu"]) + ("_amx" if "amx_bf16" in flags else "")
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict:
+  """Best rates (GB/s) over arrays far larger than any cache: XLA reading (a sum: what a memory-bound decode
+  does), PyTorch's multi-threaded STREAM copy and triad (a = b + 3·c). XLA's own elementwise kernels reach a
+  fraction of these here, so they are not the machine's bandwidth."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = megabytes * 2 ** 20 // 4
+  x = jnp.ones(n, jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  rates = {"xla_read_gb_per_s": n * 4 / min(timed(lambda: total(x).block_until_ready()) for _ in range(repeats))}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {k: round(v / 1e9, 1) for k, v in rates.items()}
+  a, b, c = torch.ones(n), torch.ones(n), torch.full((n,), 2.0)
+  rates["torch_copy_gb_per_s"] = 2 * n * 4 / min(timed(lambda: a.copy_(b)) for _ in range(repeats))
+  rates["torch_triad_gb_per_s"] = 3 * n * 4 / min(timed(lambda: torch.add(b, c, alpha=3.0, out=a))
+                                                  for _ in range(repeats))
+  return {k: round(v / 1e9, 1) for k, v in rates.items()}
+
+
+def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict:
+  """Best GFLOP/s of one size³ matmul: XLA f32 and bf16 (f32 accumulation), PyTorch f32 and bf16 (where oneDNN
+  uses AMX on CPUs that have it)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  flops = 2 * size ** 3
+  peaks = {}
+  for dtype in ("float32", "bfloat16"):
+    a = jnp.ones((size, size), dtype)
+    fn = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+    fn(a).block_until_ready()
+    peaks[f"xla_{dtype}_gflops"] = round(flops / min(timed(lambda: fn(a).block_until_ready())
+                                                     for _ in range(repeats)) / 1e9, 1)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return peaks
+  for dtype in ("float32", "bfloat16"):
+    a = torch.ones((size, size), dtype=getattr(torch, dtype))
+    torch.matmul(a, a)
+    peaks[f"torch_{dtype}_gflops"] = round(flops / min(timed(lambda: torch.matmul(a, a)) for _ in range(repeats))
+                                           / 1e9, 1)
+  return peaks
+
+
+def machine(measure: bool = False) -> dict:
+  """What the numbers were measured on: CPU, its kind, cores, ISA flags, library versions, date, the 1-minute load
+  average; with `measure`, also its memory bandwidth and matmul peaks (about 20 s)."""
+  cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
+  flags = [f for f in ISA_FLAGS if f in _cpuinfo("flags").split()]
   versions = {name: importlib.metadata.version(name) for name in ("jax", "flax", "torch", "transformers", "grain")}
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(), "versions": versions,
-          "date": datetime.datetime.now().isoformat(timespec="minutes"), "load_average_1m": round(load_average(), 2)}
+  m = {"cpu": cpu, "kind": machine_kind(cpu, flags), "cores": os.cpu_count(), "isa": flags,
+       "backend": jax.default_backend(), "versions": versions,
+       "date": datetime.datetime.now().isoformat(timespec="minutes"), "load_average_1m": round(load_average(), 2)}
+  if measure:
+    m["memory"] = memory_bandwidth()
+    m["matmul"] = matmul_peaks()
+  return m
 
 
 def describe(m: dict) -> str:
   load = f"{m['load_average_1m']}"
   if "load_average_1m_after" in m:
     load += f" before, {m['load_average_1m_after']} after"
-  return (f"{m['cores']}-core {m['cpu']} ({m['backend']}), jax {m['versions']['jax']}, torch {m['versions']['torch']}, "
-          f"transformers {m['versions']['transformers']}, {m['date']}, 1-minute load average {load}")
+  text = (f"{m['cores']}-core {m['cpu']} ({m['backend']}; {' '.join(m.get('isa', [])) or 'ISA flags not recorded'})"
+          f", jax {m['versions']['jax']}, torch {m['versions']['torch']}, transformers "
+          f"{m['versions']['transformers']}, {m['date']}, 1-minute load average {load}")
+  if "memory" in m:
+    text += ("; memory GB/s: " + ", ".join(f"{k.removesuffix('_gb_per_s').replace('_', ' ')} {v}"
+                                          for k, v in m["memory"].items()) + "; 2048³ matmul GFLOP/s: " + ", ".join(
+                 f"{k.rsplit('_', 1)[0].replace('_', ' ')} {v}" for k, v in m["matmul"].items()))
+  return text
 
 
 def write(name: str, payload: dict, markdown: str) -> str:

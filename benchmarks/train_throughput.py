@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 import common  # benchmarks/common.py, next to this script
+from pixelgpt import config as config_lib
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
 from pixelgpt import sharding as sharding_lib
@@ -35,6 +36,8 @@ flags.DEFINE_bool("scan_layers", False, "pixelgpt's model.scan_layers: unrolled 
 flags.DEFINE_integer("steps", 10, "Timed steps per side (after warm-up); the median is reported.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side first.")
 flags.DEFINE_bool("hf", True, "Also train transformers' ImageGPT (PyTorch) side by side.")
+flags.DEFINE_bool("bf16", True, "Also time pixelgpt with model.dtype=bfloat16 and transformers under "
+                  "torch.autocast('cpu', bfloat16), in the same rounds.")
 flags.DEFINE_string("out", "train_throughput", "Results name under benchmarks/results/ ('' writes nothing).")
 
 
@@ -57,8 +60,10 @@ def pixelgpt_side(config, batches):
   return step, lambda: float(holder["loss"]), params
 
 
-def hf_side(config, params, batches):
-  """The same model, weights, optimizer, schedule and batches in transformers (PyTorch eager, float32)."""
+def hf_side(config, params, batches, autocast: bool = False):
+  """The same model, weights, optimizer, schedule and batches in transformers (PyTorch eager, float32; with
+  `autocast`, the forward and loss under torch.autocast('cpu', bfloat16), as a PyTorch user would mix precision)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   model = common.hf_model(config, params).train()
   o = config.optim
@@ -72,8 +77,9 @@ def hf_side(config, params, batches):
     targets = torch.from_numpy(batches[holder["step"] % len(batches)]).long()
     inputs = torch.cat([torch.full_like(targets[:, :1], sos), targets[:, :-1]], dim=1)
     optimizer.zero_grad(set_to_none=True)
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+      logits = model(input_ids=inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     if o.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -85,13 +91,20 @@ def hf_side(config, params, batches):
   return step, lambda: float(holder["loss"])
 
 
-def measure(config, *, steps: int, warmup: int, with_hf: bool) -> dict:
-  """Interleaved rounds of: a pixelgpt step, a transformers step, the matmul peak; medians over rounds."""
+def measure(config, *, steps: int, warmup: int, with_hf: bool, bf16: bool) -> dict:
+  """Interleaved rounds of: a pixelgpt step, a transformers step (and their bfloat16 pair), the matmul peak;
+  medians over rounds."""
   batches = common.random_tokens(config, 4)
   sides, losses = {}, {}
   sides["pixelgpt"], losses["pixelgpt"], params = pixelgpt_side(config, batches)
   if with_hf:
     sides["transformers"], losses["transformers"] = hf_side(config, params, batches)
+  if bf16:
+    low = config_lib.override(config, {"model.dtype": "bfloat16"})
+    sides["pixelgpt bf16"], losses["pixelgpt bf16"], _ = pixelgpt_side(low, batches)
+    if with_hf:
+      sides["transformers bf16 autocast"], losses["transformers bf16 autocast"] = hf_side(config, params, batches,
+                                                                                          autocast=True)
   peaks = []
   sides_and_peak = {**sides, "peak": lambda: peaks.append(metrics_lib.measure_cpu_matmul_peak(cached=False))}
   times = common.interleaved(sides_and_peak, steps, warmup)
@@ -110,11 +123,12 @@ def measure(config, *, steps: int, warmup: int, with_hf: bool) -> dict:
     result["sides"][name] = {"step_time_s": step_s, "tokens_per_sec": tokens / step_s, "mfu": mfu,
                              "mfu_vs_best_peak": flops / step_s / max(peaks), "step_times_s": seconds,
                              "final_loss": losses[name]()}
-  if with_hf:
-    result["ratio"] = result["sides"]["pixelgpt"]["tokens_per_sec"] / result["sides"]["transformers"]["tokens_per_sec"]
-    # Per-round ratios: both sides of one round ran under nearly the same load.
-    result["ratio_per_round_median"] = common.median(
-        [h / p for p, h in zip(times["pixelgpt"], times["transformers"])])
+  pairs = {"ratio": ("pixelgpt", "transformers"), "ratio_bf16": ("pixelgpt bf16", "transformers bf16 autocast")}
+  for key, (ours, theirs) in pairs.items():
+    if ours in sides and theirs in sides:
+      result[key] = result["sides"][ours]["tokens_per_sec"] / result["sides"][theirs]["tokens_per_sec"]
+      # Per-round ratios: both sides of one round ran under nearly the same load.
+      result[f"{key}_per_round_median"] = common.median([h / p for p, h in zip(times[ours], times[theirs])])
   return result
 
 
@@ -133,7 +147,7 @@ def markdown(config, result: dict, machine: dict, command: str) -> str:
       f"{result['matmul_peak_flops_max'] / 1e9:.0f} GFLOP/s). MFU: model FLOPs "
       f"({result['flops_per_step'] / 1e9:.1f} GFLOP/step, metrics.flops_per_token) over step time and the peak of the "
       "same round; in brackets against the best peak of the run.",
-      f"Machine: {common.describe(machine)}.",
+      f"Machine ({machine['kind']}): {common.describe(machine)}.",
       "",
       "| side | step (s) | tokens/s | MFU | loss after the run |",
       "|---|---|---|---|---|",
@@ -141,9 +155,10 @@ def markdown(config, result: dict, machine: dict, command: str) -> str:
   for name, r in result["sides"].items():
     lines.append(f"| {name} | {r['step_time_s']:.3f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.1%} "
                  f"({r['mfu_vs_best_peak']:.1%}) | {r['final_loss']:.4f} |")
-  if "ratio" in result:
-    lines += ["", f"pixelgpt / transformers tokens/s: **{result['ratio']:.2f}×** (median of per-round ratios "
-              f"{result['ratio_per_round_median']:.2f}×)."]
+  for key, what in (("ratio", "float32"), ("ratio_bf16", "bfloat16 (pixelgpt model.dtype vs transformers autocast)")):
+    if key in result:
+      lines += ["", f"pixelgpt / transformers tokens/s, {what}: **{result[key]:.2f}×** (median of per-round "
+                f"ratios {result[f'{key}_per_round_median']:.2f}×)."]
   return "\n".join(lines) + "\n"
 
 
@@ -152,8 +167,8 @@ def main(argv):
   config = common.shape_config(FLAGS.shape, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size, n_layer=FLAGS.n_layer,
                                attention=FLAGS.attention, remat=FLAGS.remat, use_bias=FLAGS.hf,
                                scan_layers=FLAGS.scan_layers)
-  machine = common.machine()
-  result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, with_hf=FLAGS.hf)
+  machine = common.machine(measure=True)
+  result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, with_hf=FLAGS.hf, bf16=FLAGS.bf16)
   machine["load_average_1m_after"] = round(common.load_average(), 2)
   command = "python benchmarks/train_throughput.py " + " ".join(
       f"--{name}={FLAGS[name].value}" for name in ("shape", "dtype", "attention", "remat", "scan_layers", "steps")
@@ -162,7 +177,7 @@ def main(argv):
   print(text)
   if FLAGS.out:
     payload = {"command": command.strip(), "machine": machine, "config": config.to_dict(), **result}
-    print("->", common.write(FLAGS.out, payload, text))
+    print("->", common.write(f"{FLAGS.out}.{machine['kind']}", payload, text))  # one file per machine kind
 
 
 if __name__ == "__main__":
