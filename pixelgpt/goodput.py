@@ -107,7 +107,7 @@ class Recorder:
 
   def __init__(self, workdir, *, started: float, enabled: bool):
     self._dir = storage.path(workdir) / DIRECTORY
-    self._started, self._clock_zero = started, time.perf_counter() - (time.time() - started)
+    self._clock_zero = time.perf_counter() - (time.time() - started)  # perf_counter's reading at `started`
     self.enabled = enabled
     self.seconds = dict.fromkeys(CATEGORIES, 0.0)
     self.previous = load(workdir) if enabled else []
@@ -193,7 +193,8 @@ def main(fv):
   if not sessions:
     raise UserError(f"{workdir} has no {DIRECTORY}/ records: it was not trained by this version of pixelgpt train")
   if fv.json:
-    print(json.dumps({"totals": account(sessions), "metrics": metrics(account(sessions)),
+    totals = account(sessions)
+    print(json.dumps({"totals": totals, "metrics": metrics(totals),
                       "sessions": [dataclasses.asdict(s) for s in sessions]}))
   else:
     print(format_table(sessions))

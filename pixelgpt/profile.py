@@ -94,9 +94,9 @@ class Op:
 
 
 def classify(hlo_text: str) -> dict[str, str]:
-  """{instruction name: category} for the compiled step: control flow (not counted); a collective by opcode; attention when a kernel is one
-  or the instruction came from the model's `attn` scope other than its q/k/v/out projections; matmul when it is
-  (or fuses) a dot or convolution; other otherwise."""
+  """{instruction name: category} for the compiled step: control flow (not counted); a collective by opcode;
+  attention when a kernel is one or the instruction came from the model's `attn` scope other than its q/k/v/out
+  projections; matmul when it is (or fuses) a dot or convolution; other otherwise."""
   computations, _ = hlo.parse(hlo_text)
   has_dot = {name: any(i.opcode in ("dot", "convolution") for i in body) for name, body in computations.items()}
   categories = {}
