@@ -59,6 +59,46 @@ def _init(std: float, names: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(std) if std else nn.initializers.zeros, names)
 
 
+def _platform() -> str:
+  """The platform being traced for: the active mesh's devices (a TPU topology when compiling ahead from a CPU
+  host), else this process's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+# x @ W in bf16 on XLA:CPU. Its bf16 dots run natively (YNNPACK, 2x the f32 rate on AVX512-BF16) only as
+# bf16 x bf16 -> f32 with one row-major operand contracted on its last axis and the other on its first; a dot with a
+# bf16 result is run in f32 between converts, and so are the dots autodiff writes for the backward pass (their
+# cotangent is the f32 result's, or a bf16 result). This VJP writes both backward dots as bf16 x bf16 -> f32.
+# Interleaved in one process on the 2-core AMD EPYC, the benchmark 'small' bf16 step (4 x 256, T=1024, batch 8):
+# 2.02 -> 1.62 s (benchmarks/results/train_throughput). The rounding is autodiff's: each dot accumulates in f32 and
+# is rounded to bf16 once.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_dot(x, w, contract: int):
+  """x [..., C...] · w [C..., F...] over the `contract` axes C, accumulated and returned in f32."""
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _bf16_dot_forward(x, w, contract: int):
+  return _bf16_dot(x, w, contract), (x, w)
+
+
+def _bf16_dot_backward(contract: int, residuals, d_y):
+  x, w = residuals
+  d_y = d_y.astype(x.dtype)
+  leading = x.ndim - contract  # x's uncontracted axes, first in x and in d_y
+  features = tuple(range(leading, d_y.ndim)), tuple(range(contract, w.ndim))
+  d_x = jax.lax.dot_general(d_y, w, (features, ((), ())), preferred_element_type=jnp.float32)
+  rows = tuple(range(leading))
+  d_w = jax.lax.dot_general(x, d_y, ((rows, rows), ((), ())), preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_bf16_dot.defvjp(_bf16_dot_forward, _bf16_dot_backward)
+
+
 class Dense(nn.Module):
   """x @ W (+ b) contracting the last `contract` axes of x; W has logical names `names` (inputs then outputs).
 
@@ -78,9 +118,12 @@ class Dense(nn.Module):
     cfg = self.cfg
     shape = x.shape[x.ndim - self.contract:] + self.features
     kernel = self.param("kernel", _init(self.std, self.names), shape, cfg.param_dtype)
-    axes = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
-    y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (axes, ((), ())),
-                            preferred_element_type=self.out_dtype)
+    x, kernel = x.astype(cfg.dtype), kernel.astype(cfg.dtype)
+    if cfg.dtype == "bfloat16" and _platform() == "cpu":
+      y = _bf16_dot(x, kernel, self.contract).astype(self.out_dtype or cfg.dtype)
+    else:
+      axes = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
+      y = jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=self.out_dtype)
     if cfg.use_bias and self.bias:
       bias = self.param("bias", _init(0.0, self.names[self.contract:]), self.features, cfg.param_dtype)
       y = y + bias.astype(cfg.dtype)
@@ -154,8 +197,7 @@ def attention(q, k, v, *, causal: bool, implementation: str, dtype):
     return x.reshape(steps, rows, batch // local_b, heads // local_n, length, head_dim)
 
   # Scaling q once spares a pass over every block of scores.
-  out = jax.lax.map(lambda qkv: _blockwise_causal(*qkv, block),
-                    tuple(to_rows(x) for x in (q / math.sqrt(head_dim), k, v)))
+  out = _blockwise_causal(*(to_rows(x) for x in (q / math.sqrt(head_dim), k, v)), block)
   out = out.reshape(local_b, local_n, batch // local_b, heads // local_n, length, head_dim).transpose(2, 0, 4, 3, 1, 5)
   return out.reshape(batch, length, heads, head_dim).astype(dtype)
 
@@ -198,10 +240,8 @@ def _splash_attention(q, k, v, *, causal: bool):
   one = masks.CausalMask((length, length)) if causal else masks.FullMask((length, length))
   mesh = jax.sharding.get_abstract_mesh()
   # Where the devices traced for are CPUs (tests), Pallas interprets the kernel: the same blocks and masks, slowly.
-  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-  platform = device.platform if device is not None else jax.default_backend()
   kernel = splash.make_splash_mha(masks.MultiHeadMask([one] * local_heads), head_shards=1, q_seq_shards=1,
-                                  block_sizes=sizes, interpret=platform == "cpu")
+                                  block_sizes=sizes, interpret=_platform() == "cpu")
   batch_axes = sharding_lib.mesh_axes(BATCH) if sharding_lib.local_size(batch, BATCH) != batch else None
   head_axes = sharding_lib.mesh_axes(HEADS) if local_heads != heads else None
   spec = jax.sharding.PartitionSpec(batch_axes, head_axes, None, None)
@@ -221,8 +261,23 @@ def _splash_attention(q, k, v, *, causal: bool):
 # Measured at 4 × 256 × 8 heads, T=1024, batch 8: the train step 1.4× faster than autodiff through the same blocks.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blockwise_causal(q, k, v, block: int):
-  """q (already scaled), k, v: [..., length, head_dim] -> the same (leading axes: batch and heads)."""
-  return _blockwise_forward(q, k, v, block)[0]
+  """q (already scaled), k, v: [steps, rows, ..., length, head_dim] -> the same; a loop over steps."""
+  return _blockwise_rows_forward(q, k, v, block)[0]
+
+
+# The loops keep their stacked per-step results in f32 and cast once after. XLA:CPU has no bf16 dynamic-update-slice:
+# it converts the whole stacked bf16 buffer to f32 and back around each step's one-row write, and those copies were
+# 23% of the bf16 train step at 4 × 256 × 8 heads, T=1024, batch 8 (benchmarks/results/train_throughput). For the
+# same reason the custom VJP wraps the loop, not its body: a body's residuals (q, k, v, out) would be stacked per step.
+def _blockwise_rows_forward(q, k, v, block: int):
+  out, log_sum_exp = jax.lax.map(lambda qkv: _blockwise_forward(*qkv, block), (q, k, v))
+  out = out.astype(q.dtype)
+  return out, (q, k, v, out, log_sum_exp)
+
+
+def _blockwise_rows_backward(block: int, residuals, d_out):
+  grads = jax.lax.map(lambda row: _blockwise_backward(block, *row), (*residuals, d_out))
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, residuals))
 
 
 def _future_mask(start: int, queries: int, keys: int, *, key_major: bool = False):
@@ -245,12 +300,11 @@ def _blockwise_forward(q, k, v, block: int):
     outputs.append(jnp.einsum("...qk,...kh->...qh", probs.astype(v.dtype), v[..., :end, :],
                               preferred_element_type=jnp.float32) / total)
     log_sum_exps.append((peak + jnp.log(total))[..., 0])
-  out = jnp.concatenate(outputs, axis=-2).astype(q.dtype)
-  return out, (q, k, v, out, jnp.concatenate(log_sum_exps, axis=-1))
+  return jnp.concatenate(outputs, axis=-2), jnp.concatenate(log_sum_exps, axis=-1)
 
 
-def _blockwise_backward(block: int, residuals, d_out):
-  q, k, v, out, log_sum_exp = residuals
+def _blockwise_backward(block: int, q, k, v, out, log_sum_exp, d_out):
+  """One row's dq, dk, dv in f32."""
   # Σ_k P·dP per query equals Σ_h out·d_out: the softmax backward's row term without the probabilities.
   row_term = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
   dq = []
@@ -269,10 +323,10 @@ def _blockwise_backward(block: int, residuals, d_out):
     dk = dk.at[..., :end, :].add(jnp.einsum("...kq,...qh->...kh", d_scores_t, q_block,
                                             preferred_element_type=jnp.float32))
     dq.append(jnp.einsum("...kq,...kh->...qh", d_scores_t, k[..., :end, :], preferred_element_type=jnp.float32))
-  return jnp.concatenate(dq, axis=-2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return jnp.concatenate(dq, axis=-2), dk, dv
 
 
-_blockwise_causal.defvjp(_blockwise_forward, _blockwise_backward)
+_blockwise_causal.defvjp(_blockwise_rows_forward, _blockwise_rows_backward)
 
 
 class Attention(nn.Module):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from pixelgpt import config as config_lib
+from pixelgpt import hlo as hlo_lib
 from pixelgpt import model as model_lib
 from pixelgpt import sharding as sharding_lib
 from tests.conftest import load_config
@@ -176,3 +178,37 @@ def test_kernel_attention_sharded_equals_unsharded(attention):
   assert sharding_lib.local_size(4, model_lib.BATCH) == 4  # outside a mesh everything is local
   np.testing.assert_allclose(value_s, value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads_s, grads)
+
+
+def _dense_dot_operand_types(hlo_text: str) -> list[str]:
+  """The element types of the operands of every dot a Dense layer wrote (by its op name) in a compiled module."""
+  types = []
+  for body in hlo_lib.parse(hlo_text)[0].values():
+    shapes = {i.name: i.shape for i in body}
+    types += [shapes[o].split("[")[0] for i in body if i.opcode == "dot"
+              and re.search(r'op_name="[^"]*/(query|key|value|out|fc|proj|head)/dot_general"', i.attributes)
+              for o in i.operands]
+  return types
+
+
+def test_bf16_dense_on_cpu_keeps_its_dots_in_bf16_with_autodiffs_gradients(monkeypatch):
+  """On CPU a bf16 model's Dense layers write their backward dots themselves (model._bf16_dot) so that XLA runs
+  them on bf16 operands (natively, not in f32 between converts); the gradients must be autodiff's through the plain
+  dot_general, which the same model uses on other platforms."""
+  cfg = dataclasses.replace(SMALL, dtype="bfloat16", attention="blockwise")
+  params, tokens = _params(SMALL), _tokens(SMALL)
+
+  def loss(p):
+    return model_lib.token_nll(model_lib.Transformer(cfg).apply({"params": p}, tokens), tokens).mean()
+
+  grad = jax.jit(jax.value_and_grad(loss))
+  value, grads = grad(params)
+  types = _dense_dot_operand_types(grad.lower(params).compile().as_text())
+  # The scanned layer body's 6 Dense and the head: a forward and 2 backward dots each, of 2 operands.
+  assert len(types) == 2 * 3 * (6 + 1) and set(types) == {"bf16"}
+  monkeypatch.setattr(model_lib, "_platform", lambda: "gpu")  # the plain dot_general, differentiated by JAX
+  reference = jax.jit(jax.value_and_grad(loss))
+  value_r, grads_r = reference(params)
+  assert "f32" in _dense_dot_operand_types(reference.lower(params).compile().as_text())  # what the VJP avoids
+  np.testing.assert_allclose(value, value_r, rtol=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=2e-2), grads, grads_r)
