@@ -195,9 +195,11 @@ def read(workdir, run: str | None = None, host: str | None = None, top: int = 15
     raise UserError(f"no profile run {run!r} in {runs} (runs: {', '.join(names)})")
   directory = runs / (run or names[-1])
   traces = sorted(p.name for p in directory.glob("*.xplane.pb"))
-  chosen = [t for t in traces if (host and t.startswith(host)) or (not host and ".p0." in t)] or traces[:1]
-  if not chosen:
+  if not traces:
     raise UserError(f"{directory} holds no .xplane.pb trace")
+  chosen = [t for t in traces if t.startswith(host)] if host else [t for t in traces if ".p0." in t] or traces[:1]
+  if not chosen:
+    raise UserError(f"no trace of host {host!r} in {directory} (traces: {', '.join(traces)})")
   meta = json.loads((directory / STEP_FILE).read_text()) if (directory / STEP_FILE).exists() else {}
   text = (directory / HLO_FILE).read_text() if (directory / HLO_FILE).exists() else ""
   steps = meta.get("last", 0) - meta.get("first", 0) + 1 if meta else 1

@@ -6,10 +6,13 @@ import signal
 import time
 
 import jax
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from pixelgpt import errors
 from pixelgpt import goodput
 from pixelgpt import metrics as metrics_lib
+from pixelgpt import profile
 from pixelgpt import train
 from pixelgpt.data import pipeline
 from tests.conftest import load_config, run_pixelgpt, start_pixelgpt, wait_for
@@ -87,6 +90,14 @@ def test_profile_goodput_across_a_kill_and_tensorboard_images(tmp_path):
   events = _tensorboard(w)
   assert [e.step for e in events.Scalars("eval/digits_test_loss")] == [24]
   assert [e.step for e in events.Images("samples/seed_0")] == [24]
+
+
+def test_profile_of_a_host_without_a_trace_is_a_clear_error(tmp_path):
+  run = profile.runs_directory(tmp_path) / "steps_0000002-0000003"
+  run.mkdir(parents=True)
+  (run / "worker-0.p0.xplane.pb").write_bytes(b"")
+  with pytest.raises(errors.UserError, match=r"no trace of host 'worker-1' .*\(traces: worker-0.p0.xplane.pb\)"):
+    profile.read(tmp_path, host="worker-1")
 
 
 def test_goodput_accounts_a_resume_from_an_older_checkpoint():
