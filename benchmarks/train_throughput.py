@@ -146,7 +146,8 @@ def markdown(config, result: dict, machine: dict, command: str) -> str:
       f"measurement (f32, best of 1024³ and 2048³ through XLA: median {result['matmul_peak_flops'] / 1e9:.0f}, best "
       f"{result['matmul_peak_flops_max'] / 1e9:.0f} GFLOP/s). MFU: model FLOPs "
       f"({result['flops_per_step'] / 1e9:.1f} GFLOP/step, metrics.flops_per_token) over step time and the peak of the "
-      "same round; in brackets against the best peak of the run.",
+      "same round; in brackets against the best peak of the run. bf16 rows are read against the same f32 peak "
+      "(the machine line has the bf16 matmul peaks).",
       f"Machine ({machine['kind']}): {common.describe(machine)}.",
       "",
       "| side | step (s) | tokens/s | MFU | loss after the run |",
