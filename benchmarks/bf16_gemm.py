@@ -56,7 +56,8 @@ def build() -> str:
   if not runtime:
     raise SystemExit(f"no libmkl_rt in {lib_dir}: pip install mkl")
   out = os.path.join(tempfile.mkdtemp(), "libbf16_gemm.so")
-  subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type", "-Wno-attributes", "-I", jax.ffi.include_dir(), SOURCE, "-o", out,
+  subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type", "-Wno-attributes",
+                  "-I", jax.ffi.include_dir(), SOURCE, "-o", out,
                   os.path.join(lib_dir, runtime[0]), f"-Wl,-rpath,{lib_dir}"], check=True)
   return out
 
@@ -148,7 +149,8 @@ def measure_gemms(config, rounds: int, repeats: int) -> list[dict]:
       xla, ffi = jax.jit(_xla(form)), jax.jit(_ffi(form))
       torch_args = tuple(torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in bf16)
       check = float(jnp.max(jnp.abs(ffi(*bf16) - xla(*bf16))) / jnp.max(jnp.abs(xla(*bf16))))
-      sides = {"xla_bf16": lambda: xla(*bf16).block_until_ready(), "ffi_mkl_bf16": lambda: ffi(*bf16).block_until_ready(),
+      sides = {"xla_bf16": lambda: xla(*bf16).block_until_ready(),
+               "ffi_mkl_bf16": lambda: ffi(*bf16).block_until_ready(),
                "xla_f32": lambda: xla(*f32).block_until_ready(), "torch_bf16": lambda: _torch(form)(*torch_args)}
       for fn in sides.values():
         fn()  # warm-up
@@ -209,7 +211,8 @@ def markdown(config, gemms: list[dict], step: dict, machine: dict, command: str)
                  f"{g['ffi_mkl_bf16_gflops']} | {g['xla_f32_gflops']} | {g['torch_bf16_gflops']} | "
                  f"{g['max_relative_difference']:.1e} |")
   m = config.model
-  lines += ["", f"Train step, {m.n_layer} layers × d {m.d_model} × {m.n_head} heads, T={config.dataset.resolution ** 2}, "
+  lines += ["", f"Train step, {m.n_layer} layers × d {m.d_model} × {m.n_head} heads, "
+            f"T={config.dataset.resolution ** 2}, "
             f"batch {config.batch_size}, bf16 (medians of {FLAGS.steps} interleaved steps after 2 warm-up):", "",
             "| Dense dots | step (s) | loss after the same batches |", "|---|---|---|"]
   lines += [f"| {name} | {r['step_s']} | {r['loss_after']} |" for name, r in step.items()]

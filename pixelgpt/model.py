@@ -68,12 +68,11 @@ def _platform() -> str:
 
 
 # x @ W in bf16 on XLA:CPU. Its bf16 dots run natively (YNNPACK, 2x the f32 rate on AVX512-BF16) only as
-# bf16 x bf16 -> f32 with one row-major operand contracted on its last axis and the other on its first; a dot with a
-# bf16 result is run in f32 between converts, and so are the dots autodiff writes for the backward pass (their
-# cotangent is the f32 result's, or a bf16 result). This VJP writes both backward dots as bf16 x bf16 -> f32.
-# Interleaved in one process on the 2-core AMD EPYC, the benchmark 'small' bf16 step (4 x 256, T=1024, batch 8):
-# 2.02 -> 1.62 s (benchmarks/results/train_throughput). The rounding is autodiff's: each dot accumulates in f32 and
-# is rounded to bf16 once.
+# bf16 x bf16 -> f32; a dot with a bf16 result is run in f32 between converts, and so are the dots autodiff writes
+# for the backward pass (their cotangent is the f32 result's, or a bf16 result). This VJP writes both backward dots
+# as bf16 x bf16 -> f32. Interleaved A/B in one process on the 2-core AMD EPYC, the benchmark 'small' bf16 step
+# (4 x 256, T=1024, batch 8): 2.02 -> 1.62 s. The rounding is autodiff's: each dot accumulates in f32 and is
+# rounded to bf16 once.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_dot(x, w, contract: int):
   """x [..., C...] · w [C..., F...] over the `contract` axes C, accumulated and returned in f32."""
@@ -267,7 +266,7 @@ def _blockwise_causal(q, k, v, block: int):
 
 # The loops keep their stacked per-step results in f32 and cast once after. XLA:CPU has no bf16 dynamic-update-slice:
 # it converts the whole stacked bf16 buffer to f32 and back around each step's one-row write, and those copies were
-# 23% of the bf16 train step at 4 × 256 × 8 heads, T=1024, batch 8 (benchmarks/results/train_throughput). For the
+# 23% of the bf16 train step's op time at 4 × 256 × 8 heads, T=1024, batch 8 (`pixelgpt profile`). For the
 # same reason the custom VJP wraps the loop, not its body: a body's residuals (q, k, v, out) would be stacked per step.
 def _blockwise_rows_forward(q, k, v, block: int):
   out, log_sum_exp = jax.lax.map(lambda qkv: _blockwise_forward(*qkv, block), (q, k, v))
