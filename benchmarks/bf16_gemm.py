@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 # oneMKL's OpenMP threads spin for 200 ms after each call by default, taking the cores from XLA's and PyTorch's own
 # threads in the rounds that follow (every side measured 2-5x slow); set before MKL loads.
@@ -35,9 +34,6 @@ import numpy as np
 
 import common  # benchmarks/common.py, next to this script
 from pixelgpt import model as model_lib
-from pixelgpt import sharding as sharding_lib
-from pixelgpt import train
-from pixelgpt.data import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 5, "Timed rounds (the median is reported); each GEMM's best of --repeats per round.")
@@ -112,53 +108,36 @@ def gemm_shapes(config) -> dict[str, tuple[int, int, int]]:
           "head": (rows, m.d_model, config.palette.size), "2048³": (2048, 2048, 2048)}
 
 
-FORMS = ("forward X·W", "input gradient dY·Wᵀ", "weight gradient Xᵀ·dY")
-
-
-def _operands(form: str, rows: int, inner: int, outer: int, dtype):
-  """The two operands of one form, as stored: X [rows, inner], W [inner, outer], dY [rows, outer]."""
-  rng = np.random.default_rng(0)
-  x, w, d_y = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((rows, inner), (inner, outer), (rows, outer)))
-  return {"forward X·W": (x, w), "input gradient dY·Wᵀ": (d_y, w), "weight gradient Xᵀ·dY": (x, d_y)}[form]
-
-
-def _xla(form: str):
-  p = {"preferred_element_type": jnp.float32}
-  return {"forward X·W": lambda a, b: jnp.einsum("rk,kn->rn", a, b, **p),
-          "input gradient dY·Wᵀ": lambda a, b: jnp.einsum("rn,kn->rk", a, b, **p),
-          "weight gradient Xᵀ·dY": lambda a, b: jnp.einsum("rk,rn->kn", a, b, **p)}[form]
-
-
-def _ffi(form: str):
-  return {"forward X·W": gemm, "input gradient dY·Wᵀ": functools.partial(gemm, transpose_b=True),
-          "weight gradient Xᵀ·dY": functools.partial(gemm, transpose_a=True)}[form]
-
-
-def _torch(form: str):
-  return {"forward X·W": lambda a, b: a @ b, "input gradient dY·Wᵀ": lambda a, b: a @ b.T,
-          "weight gradient Xᵀ·dY": lambda a, b: a.T @ b}[form]
+# Each form: which two of X [rows, inner], W [inner, outer], dY [rows, outer] it multiplies, and how XLA (as
+# model._bf16_dot writes it), the FFI call and PyTorch compute it.
+_F32 = {"preferred_element_type": jnp.float32}
+FORMS = {
+    "forward X·W": (("x", "w"), lambda a, b: jnp.einsum("rk,kn->rn", a, b, **_F32), gemm, lambda a, b: a @ b),
+    "input gradient dY·Wᵀ": (("d_y", "w"), lambda a, b: jnp.einsum("rn,kn->rk", a, b, **_F32),
+                             functools.partial(gemm, transpose_b=True), lambda a, b: a @ b.T),
+    "weight gradient Xᵀ·dY": (("x", "d_y"), lambda a, b: jnp.einsum("rk,rn->kn", a, b, **_F32),
+                              functools.partial(gemm, transpose_a=True), lambda a, b: a.T @ b),
+}
 
 
 def measure_gemms(config, rounds: int, repeats: int) -> list[dict]:
   import torch  # pylint: disable=g-import-not-at-top
   rows_out = []
   for name, (rows, inner, outer) in gemm_shapes(config).items():
-    for form in FORMS:
+    rng = np.random.default_rng(0)
+    stored = {k: rng.standard_normal(shape, np.float32)
+              for k, shape in (("x", (rows, inner)), ("w", (inner, outer)), ("d_y", (rows, outer)))}
+    for form, (operands, xla_fn, ffi_fn, torch_fn) in FORMS.items():
       flops = 2 * rows * inner * outer
-      bf16, f32 = _operands(form, rows, inner, outer, jnp.bfloat16), _operands(form, rows, inner, outer, jnp.float32)
-      xla, ffi = jax.jit(_xla(form)), jax.jit(_ffi(form))
+      bf16, f32 = (tuple(jnp.asarray(stored[k], dtype) for k in operands) for dtype in (jnp.bfloat16, jnp.float32))
+      xla, ffi = jax.jit(xla_fn), jax.jit(ffi_fn)
       torch_args = tuple(torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in bf16)
-      check = float(jnp.max(jnp.abs(ffi(*bf16) - xla(*bf16))) / jnp.max(jnp.abs(xla(*bf16))))
+      reference = xla(*bf16)
+      check = float(jnp.max(jnp.abs(ffi(*bf16) - reference)) / jnp.max(jnp.abs(reference)))
       sides = {"xla_bf16": lambda: xla(*bf16).block_until_ready(),
                "ffi_mkl_bf16": lambda: ffi(*bf16).block_until_ready(),
-               "xla_f32": lambda: xla(*f32).block_until_ready(), "torch_bf16": lambda: _torch(form)(*torch_args)}
-      for fn in sides.values():
-        fn()  # warm-up
-      times = {k: [] for k in sides}
-      for _ in range(rounds):  # in turn, so that every side sees the same background load
-        for k, fn in sides.items():
-          time.sleep(0.2)  # the previous side's threads stop spinning (common.interleaved)
-          times[k].append(min(common.timed(fn) for _ in range(repeats)))
+               "xla_f32": lambda: xla(*f32).block_until_ready(), "torch_bf16": lambda: torch_fn(*torch_args)}
+      times = common.interleaved(sides, rounds=rounds, warmup=1, settle_s=0.2, repeats=repeats)
       row = {"dot": name, "form": form, "shape": [rows, inner, outer], "max_relative_difference": check}
       row.update({f"{k}_gflops": round(flops / common.median(v) / 1e9, 1) for k, v in times.items()})
       print(row, flush=True)
@@ -166,32 +145,19 @@ def measure_gemms(config, rounds: int, repeats: int) -> list[dict]:
   return rows_out
 
 
-def measure_step(config, steps: int) -> dict:
+def measure_step(config, steps: int, warmup: int = 2) -> dict:
   """The bf16 train step, native (model._bf16_dot) and with its dots as FFI calls, interleaved."""
   batches = common.random_tokens(config, 2)
-  sides, native = {}, model_lib._bf16_dot  # pylint: disable=protected-access
+  sides, losses, native = {}, {}, model_lib._bf16_dot  # pylint: disable=protected-access
   for name, dot in (("native", native), ("ffi_mkl", ffi_dot)):
     model_lib._bf16_dot = dot  # pylint: disable=protected-access  (Dense reads it when the step is traced)
     try:
-      s, state, mesh = common.pixelgpt_setup(config)
-      with sharding_lib.activate(mesh):
-        compiled = s.train_step.lower(state, train.abstract_batch(config, s)).compile()
+      sides[name], losses[name], _ = common.pixelgpt_trainer(config, batches)
     finally:
       model_lib._bf16_dot = native  # pylint: disable=protected-access
-    holder = {"state": state, "step": 0, "loss": None, "s": s, "compiled": compiled}
-
-    def step(h=holder):
-      batch = {"tokens": batches[h["step"] % 2], "label": np.zeros((config.batch_size,), np.int32)}
-      h["state"], metrics = h["compiled"](h["state"], pipeline.to_global(batch, h["s"].batch_sharding,
-                                                                         config.batch_size))
-      h["loss"] = metrics["train/loss"]
-      jax.block_until_ready((h["state"], h["loss"]))
-      h["step"] += 1
-
-    sides[name] = (step, holder)
-  times = common.interleaved({k: v[0] for k, v in sides.items()}, rounds=steps, warmup=2)
-  return {k: {"step_s": round(common.median(times[k]), 3), "loss_after": round(float(sides[k][1]["loss"]), 4),
-              "steps": sides[k][1]["step"]} for k in sides}
+  times = common.interleaved(sides, rounds=steps, warmup=warmup)
+  return {k: {"step_s": round(common.median(times[k]), 3), "loss_after": round(losses[k](), 4),
+              "steps": warmup + steps} for k in sides}
 
 
 def markdown(config, gemms: list[dict], step: dict, machine: dict, command: str) -> str:

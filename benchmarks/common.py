@@ -18,6 +18,7 @@ import numpy as np
 from pixelgpt import config as config_lib
 from pixelgpt import sharding as sharding_lib
 from pixelgpt import train
+from pixelgpt.data import pipeline
 from pixelgpt.interop import hf as hf_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,25 @@ def pixelgpt_setup(config):
   return s, s.init(jax.random.key(config.seed)), mesh
 
 
+def pixelgpt_trainer(config, batches):
+  """(step fn, last-loss fn, initial params) for the real jitted, state-donating train step, compiled ahead under
+  the mesh and logical rules as train.run does; each call trains one step on the next of `batches`."""
+  s, state, mesh = pixelgpt_setup(config)
+  with sharding_lib.activate(mesh):
+    compiled = s.train_step.lower(state, train.abstract_batch(config, s)).compile()
+  params = jax.tree.map(np.asarray, state.params)  # a host copy: the state is donated to the first step
+  holder = {"state": state, "step": 0, "loss": None}
+
+  def step():
+    batch = {"tokens": batches[holder["step"] % len(batches)], "label": np.zeros((config.batch_size,), np.int32)}
+    holder["state"], metrics = compiled(holder["state"], pipeline.to_global(batch, s.batch_sharding, config.batch_size))
+    holder["loss"] = metrics["train/loss"]
+    jax.block_until_ready((holder["state"], holder["loss"]))
+    holder["step"] += 1
+
+  return step, lambda: float(holder["loss"]), params
+
+
 def hf_model(config, params):
   """transformers' ImageGPTForCausalImageModeling holding exactly `params` (converted by interop/hf.py)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -89,17 +109,19 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def interleaved(fns: dict, rounds: int, warmup: int, settle_s: float = 0.5) -> dict[str, list[float]]:
-  """Times each fn once per round, in turn, so that every side sees the same background load; drops warm-up.
+def interleaved(fns: dict, rounds: int, warmup: int, settle_s: float = 0.5,
+                repeats: int = 1) -> dict[str, list[float]]:
+  """Times each fn once per round (the best of `repeats` calls), in turn, so that every side sees the same
+  background load; drops warm-up rounds.
 
-  Sleeps settle_s before each call: PyTorch's OpenMP workers and XLA's thread pool spin for a while after their work
+  Sleeps settle_s before each side: PyTorch's OpenMP workers and XLA's thread pool spin for a while after their work
   ends, and would otherwise take cores from the side timed next.
   """
   times = {name: [] for name in fns}
   for i in range(warmup + rounds):
     for name, fn in fns.items():
       time.sleep(settle_s)
-      seconds = timed(fn)
+      seconds = min(timed(fn) for _ in range(repeats))
       if i >= warmup:
         times[name].append(seconds)
   return times

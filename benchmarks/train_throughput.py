@@ -12,16 +12,12 @@ and divides by the f32 matmul peak measured in the same run (the best of several
 
 from absl import app
 from absl import flags
-import jax
-import numpy as np
 
 import common  # benchmarks/common.py, next to this script
 from pixelgpt import config as config_lib
 from pixelgpt import metrics as metrics_lib
 from pixelgpt import model as model_lib
-from pixelgpt import sharding as sharding_lib
 from pixelgpt import train
-from pixelgpt.data import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("shape", "small", list(common.SHAPES), "Model shape (benchmarks/common.py SHAPES).")
@@ -39,25 +35,6 @@ flags.DEFINE_bool("hf", True, "Also train transformers' ImageGPT (PyTorch) side 
 flags.DEFINE_bool("bf16", True, "Also time pixelgpt with model.dtype=bfloat16 and transformers under "
                   "torch.autocast('cpu', bfloat16), in the same rounds.")
 flags.DEFINE_string("out", "train_throughput", "Results name under benchmarks/results/ ('' writes nothing).")
-
-
-def pixelgpt_side(config, batches):
-  """(step fn, last-loss fn, initial params) for the real jitted, state-donating train step, compiled ahead under
-  the mesh and logical rules as train.run does."""
-  s, state, mesh = common.pixelgpt_setup(config)
-  with sharding_lib.activate(mesh):
-    compiled = s.train_step.lower(state, train.abstract_batch(config, s)).compile()
-  params = jax.tree.map(np.asarray, state.params)  # a host copy: the state is donated to the first step
-  holder = {"state": state, "step": 0, "loss": None}
-
-  def step():
-    batch = {"tokens": batches[holder["step"] % len(batches)], "label": np.zeros((config.batch_size,), np.int32)}
-    holder["state"], metrics = compiled(holder["state"], pipeline.to_global(batch, s.batch_sharding, config.batch_size))
-    holder["loss"] = metrics["train/loss"]
-    jax.block_until_ready((holder["state"], holder["loss"]))
-    holder["step"] += 1
-
-  return step, lambda: float(holder["loss"]), params
 
 
 def hf_side(config, params, batches, autocast: bool = False):
@@ -96,12 +73,12 @@ def measure(config, *, steps: int, warmup: int, with_hf: bool, bf16: bool) -> di
   medians over rounds."""
   batches = common.random_tokens(config, 4)
   sides, losses = {}, {}
-  sides["pixelgpt"], losses["pixelgpt"], params = pixelgpt_side(config, batches)
+  sides["pixelgpt"], losses["pixelgpt"], params = common.pixelgpt_trainer(config, batches)
   if with_hf:
     sides["transformers"], losses["transformers"] = hf_side(config, params, batches)
   if bf16:
     low = config_lib.override(config, {"model.dtype": "bfloat16"})
-    sides["pixelgpt bf16"], losses["pixelgpt bf16"], _ = pixelgpt_side(low, batches)
+    sides["pixelgpt bf16"], losses["pixelgpt bf16"], _ = common.pixelgpt_trainer(low, batches)
     if with_hf:
       sides["transformers bf16 autocast"], losses["transformers bf16 autocast"] = hf_side(config, params, batches,
                                                                                           autocast=True)

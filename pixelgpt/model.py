@@ -73,11 +73,15 @@ def _platform() -> str:
 # as bf16 x bf16 -> f32. Interleaved A/B in one process on the 2-core AMD EPYC, the benchmark 'small' bf16 step
 # (4 x 256, T=1024, batch 8): 2.02 -> 1.62 s. The rounding is autodiff's: each dot accumulates in f32 and is
 # rounded to bf16 once.
+def _dense_dims(ndim: int, contract: int):
+  """dot_general's dimension numbers for x [..., C...] · w [C..., F...] over the last `contract` axes of x."""
+  return (tuple(range(ndim - contract, ndim)), tuple(range(contract))), ((), ())
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_dot(x, w, contract: int):
   """x [..., C...] · w [C..., F...] over the `contract` axes C, accumulated and returned in f32."""
-  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(x, w, _dense_dims(x.ndim, contract), preferred_element_type=jnp.float32)
 
 
 def _bf16_dot_forward(x, w, contract: int):
@@ -121,8 +125,7 @@ class Dense(nn.Module):
     if cfg.dtype == "bfloat16" and _platform() == "cpu":
       y = _bf16_dot(x, kernel, self.contract).astype(self.out_dtype or cfg.dtype)
     else:
-      axes = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
-      y = jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=self.out_dtype)
+      y = jax.lax.dot_general(x, kernel, _dense_dims(x.ndim, self.contract), preferred_element_type=self.out_dtype)
     if cfg.use_bias and self.bias:
       bias = self.param("bias", _init(0.0, self.names[self.contract:]), self.features, cfg.param_dtype)
       y = y + bias.astype(cfg.dtype)
